@@ -1,0 +1,7 @@
+"""reasonembed-jax: decoder-LLM text embedders for reasoning-intensive retrieval in JAX/Flax.
+
+The package root imports nothing heavy, so light modules (``reasonembed_jax.records``) can be used
+by the synthesis stage without JAX installed.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,99 @@
+"""Text handling shared by encoding, training data and evaluation: query formatting, tokenization
+with left padding, optional EOS append and length buckets.
+
+Every place that turns text into model inputs goes through ``tokenize_texts`` so training and
+inference see identical token sequences.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: {query}"
+DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def format_query(query: str, instruction: str | None) -> str:
+    """``Instruct: {instruction}\\nQuery: {query}``; the bare query when no instruction is given.
+
+    Documents are never formatted: only queries (and reasoning queries) carry the instruction.
+    """
+    if instruction is None or instruction == "":
+        return query
+    return QUERY_TEMPLATE.format(instruction=instruction, query=query)
+
+
+def load_tokenizer(path: str | os.PathLike):  # noqa: ANN201 (transformers type)
+    """Loads a fast tokenizer from a local folder (never remote code), padding on the left."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(os.fspath(path), trust_remote_code=False)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def bucket_length(length: int, buckets: Sequence[int] | None, max_length: int) -> int:
+    """The smallest bucket >= ``length`` (capped at ``max_length``); ``length`` with no buckets."""
+    if not buckets:
+        return min(length, max_length)
+    for b in sorted(buckets):
+        if b >= length:
+            return min(b, max_length)
+    return max_length
+
+
+def tokenize_texts(
+    tokenizer,  # noqa: ANN001 (transformers tokenizer)
+    texts: Sequence[str],
+    max_length: int,
+    *,
+    append_eos: bool = False,
+    eos_token_id: int | None = None,
+    buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+    pad_to: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenizes ``texts`` into left-padded ``(input_ids, attention_mask)`` int32 arrays.
+
+    Texts are truncated to ``max_length`` tokens *including* the appended EOS when
+    ``append_eos`` (Qwen3-Embedding style: the EOS is the pooled token, so it must survive
+    truncation). The padded width is ``pad_to`` if given, else the bucket of the longest row.
+    """
+    if isinstance(texts, str):
+        raise TypeError("tokenize_texts takes a sequence of strings, not a single string")
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    eos = eos_token_id if eos_token_id is not None else tokenizer.eos_token_id
+    if append_eos and eos is None:
+        raise ValueError("append_eos=True but the tokenizer has no EOS token id")
+    budget = max_length - 1 if append_eos else max_length
+    encoded = tokenizer(
+        list(texts),
+        add_special_tokens=True,
+        truncation=True,
+        max_length=max(budget, 1),
+        padding=False,
+        return_attention_mask=False,
+    )["input_ids"]
+    rows = []
+    for ids in encoded:
+        ids = list(ids)[:budget] if budget > 0 else []
+        if append_eos and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        rows.append(ids)
+    longest = max((len(r) for r in rows), default=1)
+    width = pad_to if pad_to is not None else bucket_length(max(longest, 1), buckets, max_length)
+    if width < longest:
+        raise ValueError(f"pad_to={width} is shorter than the longest sequence ({longest})")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = np.full((len(rows), width), pad_id, dtype=np.int32)
+    attention_mask = np.zeros((len(rows), width), dtype=np.int32)
+    for i, ids in enumerate(rows):
+        if ids:
+            input_ids[i, width - len(ids):] = ids
+            attention_mask[i, width - len(ids):] = 1
+    return input_ids, attention_mask

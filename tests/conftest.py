@@ -1,0 +1,39 @@
+"""Test session set-up: 8 fake CPU devices, offline hub, absl flags parsed, shared data paths."""
+
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "")
+if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from absl import flags  # noqa: E402
+
+if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = pathlib.Path(os.environ.get("REASONEMBED_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_dir(shared_data: pathlib.Path) -> pathlib.Path:
+    return shared_data / "qwen3_tokenizer"
+
+
+@pytest.fixture(scope="session")
+def hf_configs_dir(shared_data: pathlib.Path) -> pathlib.Path:
+    return shared_data / "hf_configs"
