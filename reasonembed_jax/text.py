@@ -47,24 +47,19 @@ def bucket_length(length: int, buckets: Sequence[int] | None, max_length: int) -
     return max_length
 
 
-def tokenize_texts(
+def tokenize_to_ids(
     tokenizer,  # noqa: ANN001 (transformers tokenizer)
     texts: Sequence[str],
     max_length: int,
     *,
     append_eos: bool = False,
     eos_token_id: int | None = None,
-    buckets: Sequence[int] | None = DEFAULT_BUCKETS,
-    pad_to: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenizes ``texts`` into left-padded ``(input_ids, attention_mask)`` int32 arrays.
-
-    Texts are truncated to ``max_length`` tokens *including* the appended EOS when
+) -> list[list[int]]:
+    """Token ids per text, truncated to ``max_length`` tokens *including* the appended EOS when
     ``append_eos`` (Qwen3-Embedding style: the EOS is the pooled token, so it must survive
-    truncation). The padded width is ``pad_to`` if given, else the bucket of the longest row.
-    """
+    truncation). A tokenizer whose post-processor already appends the EOS is not doubled."""
     if isinstance(texts, str):
-        raise TypeError("tokenize_texts takes a sequence of strings, not a single string")
+        raise TypeError("expected a sequence of strings, not a single string")
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     eos = eos_token_id if eos_token_id is not None else tokenizer.eos_token_id
@@ -81,19 +76,58 @@ def tokenize_texts(
     )["input_ids"]
     rows = []
     for ids in encoded:
-        ids = list(ids)[:budget] if budget > 0 else []
-        if append_eos and (not ids or ids[-1] != eos):
-            ids.append(eos)
+        ids = list(ids)
+        if append_eos:
+            if ids and ids[-1] == eos:
+                ids = ids[:-1]
+            ids = ids[:budget] + [eos]
+        else:
+            ids = ids[:budget]
         rows.append(ids)
+    return rows
+
+
+def pad_left(
+    rows: Sequence[Sequence[int]], width: int, pad_id: int, num_rows: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads id lists into int32 ``(input_ids, attention_mask)`` of shape
+    ``[num_rows or len(rows), width]``; extra rows are all padding (mask 0)."""
+    n = len(rows) if num_rows is None else num_rows
+    if n < len(rows):
+        raise ValueError(f"num_rows={n} is fewer than the {len(rows)} rows given")
+    input_ids = np.full((n, width), pad_id, dtype=np.int32)
+    attention_mask = np.zeros((n, width), dtype=np.int32)
+    for i, ids in enumerate(rows):
+        if len(ids) > width:
+            raise ValueError(f"row {i} has {len(ids)} tokens, more than the width {width}")
+        if len(ids):
+            input_ids[i, width - len(ids):] = ids
+            attention_mask[i, width - len(ids):] = 1
+    return input_ids, attention_mask
+
+
+def pad_token_id(tokenizer) -> int:  # noqa: ANN001
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def tokenize_texts(
+    tokenizer,  # noqa: ANN001 (transformers tokenizer)
+    texts: Sequence[str],
+    max_length: int,
+    *,
+    append_eos: bool = False,
+    eos_token_id: int | None = None,
+    buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+    pad_to: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenizes ``texts`` into left-padded ``(input_ids, attention_mask)`` int32 arrays
+    (``tokenize_to_ids`` then ``pad_left``). The padded width is ``pad_to`` if given, else the
+    bucket of the longest row."""
+    rows = tokenize_to_ids(
+        tokenizer, texts, max_length, append_eos=append_eos, eos_token_id=eos_token_id
+    )
     longest = max((len(r) for r in rows), default=1)
     width = pad_to if pad_to is not None else bucket_length(max(longest, 1), buckets, max_length)
     if width < longest:
         raise ValueError(f"pad_to={width} is shorter than the longest sequence ({longest})")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = np.full((len(rows), width), pad_id, dtype=np.int32)
-    attention_mask = np.zeros((len(rows), width), dtype=np.int32)
-    for i, ids in enumerate(rows):
-        if ids:
-            input_ids[i, width - len(ids):] = ids
-            attention_mask[i, width - len(ids):] = 1
-    return input_ids, attention_mask
+    return pad_left(rows, width, pad_token_id(tokenizer))

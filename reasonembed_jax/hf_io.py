@@ -1,0 +1,381 @@
+"""Hugging Face import and export for the decoder encoder.
+
+Import streams tensors from safetensors straight into their target sharding: every device shard
+is filled by a callback that reads only the layers and slices it needs, so an 8B model never has
+two full host copies. Export writes an HF folder that ``transformers.AutoModel`` and
+``sentence_transformers.SentenceTransformer`` both load offline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from reasonembed_jax.model.config import DecoderConfig
+from reasonembed_jax.model.decoder import DecoderEncoder
+from reasonembed_jax.model.params import LAYER_PREFIX, param_specs
+from reasonembed_jax.model.sharding import DEFAULT_RULES, Rules, named_sharding
+from reasonembed_jax.safetensors_io import CheckpointReader, save_file
+from reasonembed_jax.text import QUERY_TEMPLATE
+
+log = logging.getLogger(__name__)
+
+ENCODER_SETTINGS_FILE = "reasonembed_encoder.json"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+    "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "chat_template.jinja",
+)
+_TORCH_DTYPE_NAMES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
+
+
+def _param_sharding(mesh: Mesh | None, axes: tuple[str, ...], shape: tuple[int, ...],
+                    rules: Rules) -> jax.sharding.Sharding:
+    if mesh is None:
+        return SingleDeviceSharding(jax.devices()[0])
+    return named_sharding(mesh, axes, shape, rules)
+
+
+def _find_prefix(reader: CheckpointReader) -> str:
+    """HF causal-LM checkpoints prefix base-model tensors with ``model.``; base models do not."""
+    for key in reader.keys():
+        if key.endswith("embed_tokens.weight"):
+            return key[: -len("embed_tokens.weight")]
+    raise ValueError(f"{reader.model_dir}: no '*embed_tokens.weight' tensor; is this a decoder LM?")
+
+
+def load_hf_params(
+    model_dir: str | os.PathLike,
+    config: DecoderConfig,
+    *,
+    mesh: Mesh | None = None,
+    rules: Rules = DEFAULT_RULES,
+) -> dict[str, jax.Array]:
+    """Reads every encoder parameter from an HF safetensors folder, placed in its sharding.
+
+    Returns ``{our dotted path: jax.Array}`` in ``config.param_dtype``. Tensors the encoder does
+    not use (``lm_head.weight``) are skipped with a log line; a missing or mis-shaped tensor is an
+    error naming it.
+    """
+    reader = CheckpointReader(model_dir)
+    prefix = _find_prefix(reader)
+    dtype = config.jnp_param_dtype
+    specs = param_specs(config)
+    used: set[str] = set()
+    problems: list[str] = []
+    for spec in specs.values():
+        names = ([spec.hf_name.format(layer=i) for i in range(config.num_layers)]
+                 if spec.stacked else [spec.hf_name])
+        for name in names:
+            full = prefix + name
+            if full not in reader:
+                problems.append(f"missing tensor '{full}'")
+            elif reader.shape(full) != spec.hf_shape:
+                problems.append(f"tensor '{full}' has shape {reader.shape(full)}, the config "
+                                f"implies {spec.hf_shape}")
+            used.add(full)
+    if problems:
+        raise ValueError(f"{model_dir} does not match its config.json: " + "; ".join(problems[:8])
+                         + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""))
+    unused = sorted(set(reader.keys()) - used)
+    if unused:
+        log.info("ignoring %d tensors the encoder does not use: %s", len(unused), unused[:4])
+
+    params = {}
+    for path, spec in specs.items():
+        sharding = _param_sharding(mesh, spec.logical_axes, spec.shape, rules)
+
+        def read(index: tuple[slice, ...], spec: Any = spec) -> np.ndarray:
+            if spec.stacked:
+                layers = range(config.num_layers)[index[0]]
+                parts = [spec.from_hf(reader.get(prefix + spec.hf_name.format(layer=i)))[index[1:]]
+                         for i in layers]
+                return np.stack(parts).astype(dtype)
+            return np.asarray(spec.from_hf(reader.get(prefix + spec.hf_name))[index]).astype(dtype)
+
+        params[path] = jax.make_array_from_callback(spec.shape, sharding, read)
+    return params
+
+
+def abstract_encoder(
+    config: DecoderConfig, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES
+) -> DecoderEncoder:
+    """The encoder with shape-only parameters (no memory), e.g. for planning or loading into."""
+    return nnx.eval_shape(lambda: DecoderEncoder(config, rngs=nnx.Rngs(0), mesh=mesh, rules=rules))
+
+
+def set_params(model: DecoderEncoder, params: Mapping[str, jax.Array]) -> DecoderEncoder:
+    """Writes ``{dotted path: array}`` into ``model``'s parameters (in place) and returns it."""
+    for path, value in params.items():
+        owner = model.layers if path.startswith(LAYER_PREFIX) else model
+        var = getattr(owner, path.removeprefix(LAYER_PREFIX))
+        if tuple(var.shape) != tuple(value.shape):
+            raise ValueError(f"parameter '{path}': shape {tuple(value.shape)} != {var.shape}")
+        var.set_value(value)
+    return model
+
+
+def get_params(model: DecoderEncoder) -> dict[str, jax.Array]:
+    """``{dotted path: array}`` for every table parameter of ``model``."""
+    out = {}
+    for path in param_specs(model.config):
+        owner = model.layers if path.startswith(LAYER_PREFIX) else model
+        out[path] = getattr(owner, path.removeprefix(LAYER_PREFIX)).get_value()
+    return out
+
+
+def load_encoder(
+    model_dir: str | os.PathLike,
+    *,
+    mesh: Mesh | None = None,
+    rules: Rules = DEFAULT_RULES,
+    **runtime: Any,
+) -> DecoderEncoder:
+    """A ``DecoderEncoder`` with weights from a local HF folder (config.json + safetensors).
+
+    ``runtime`` sets run-time config fields: ``param_dtype``, ``dtype``, ``attention``,
+    ``scan_layers``, ``remat_policy``.
+    """
+    config = DecoderConfig.from_hf_dir(model_dir, **runtime)
+    model = abstract_encoder(config, mesh=mesh, rules=rules)
+    return set_params(model, load_hf_params(model_dir, config, mesh=mesh, rules=rules))
+
+
+def _source_dtype(config: DecoderConfig) -> str:
+    hf = config.hf_config or {}
+    name = hf.get("torch_dtype") or hf.get("dtype") or config.param_dtype
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(name, name)
+
+
+def _format_size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def write_hf_weights(
+    params: Mapping[str, jax.Array],
+    config: DecoderConfig,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> list[str]:
+    """Writes the parameters as HF base-model safetensors (sharded above ``max_shard_bytes``).
+
+    Stacked parameters are fetched to the host one layer at a time. Returns the file names.
+    """
+    out_dir = os.fspath(out_dir)
+    dtype = dtype or _source_dtype(config)
+    if dtype not in _TORCH_DTYPE_NAMES:
+        raise ValueError(f"export dtype must be one of {sorted(_TORCH_DTYPE_NAMES)}, got {dtype}")
+    np_dtype = np.dtype(_TORCH_DTYPE_NAMES[dtype])
+    specs = param_specs(config)
+    missing = sorted(set(specs) - set(params))
+    if missing:
+        raise ValueError(f"params lack {missing[:5]}")
+
+    def tensors():  # noqa: ANN202
+        for path, spec in specs.items():
+            value = params[path]
+            if spec.stacked:
+                for i in range(config.num_layers):
+                    layer = np.asarray(jax.device_get(value[i])).astype(np_dtype)
+                    yield spec.hf_name.format(layer=i), spec.to_hf(layer)
+            else:
+                yield spec.hf_name, spec.to_hf(np.asarray(jax.device_get(value)).astype(np_dtype))
+
+    shards: list[dict[str, np.ndarray]] = [{}]
+    sizes = [0]
+    total = 0
+    files: list[str] = []
+    weight_map: dict[str, str] = {}
+
+    def flush(last: bool) -> None:
+        if not shards[-1]:
+            return
+        name = f"shard-{len(files) + 1:05d}.safetensors"
+        save_file(shards[-1], os.path.join(out_dir, name), {"format": "pt"})
+        files.append(name)
+        for key in shards[-1]:
+            weight_map[key] = name
+        if not last:
+            shards.append({})
+            sizes.append(0)
+
+    for name, array in tensors():
+        if sizes[-1] and sizes[-1] + array.nbytes > max_shard_bytes:
+            flush(last=False)
+        shards[-1][name] = np.ascontiguousarray(array)
+        sizes[-1] += array.nbytes
+        total += array.nbytes
+    flush(last=True)
+    # Name the shards the way transformers does, now that their number is known.
+    final = []
+    if len(files) == 1:
+        os.replace(os.path.join(out_dir, files[0]), os.path.join(out_dir, "model.safetensors"))
+        final = ["model.safetensors"]
+    else:
+        renames = {}
+        for i, name in enumerate(files):
+            new = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+            os.replace(os.path.join(out_dir, name), os.path.join(out_dir, new))
+            renames[name] = new
+            final.append(new)
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {k: renames[v] for k, v in sorted(weight_map.items())}}
+        with open(os.path.join(out_dir, CheckpointReader.INDEX), "w") as f:
+            json.dump(index, f, indent=2)
+    log.info("wrote %s of weights in %d file(s) to %s", _format_size(total), len(final), out_dir)
+    return final
+
+
+def _append_eos_post_processor(tokenizer_json: dict[str, Any], eos: str, eos_id: int) -> None:
+    """Makes the fast tokenizer append ``eos`` to every sequence (Qwen3-Embedding style)."""
+    tokenizer_json["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"Sequence": {"id": "A", "type_id": 0}},
+                   {"SpecialToken": {"id": eos, "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}},
+                 {"SpecialToken": {"id": eos, "type_id": 0}},
+                 {"Sequence": {"id": "B", "type_id": 1}},
+                 {"SpecialToken": {"id": eos, "type_id": 1}}],
+        "special_tokens": {eos: {"id": eos, "ids": [eos_id], "tokens": [eos]}},
+    }
+
+
+def export_hf(
+    params: Mapping[str, jax.Array],
+    config: DecoderConfig,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer_dir: str | os.PathLike | None,
+    pooling: str = "last_token",
+    normalize: bool = True,
+    append_eos: bool = False,
+    eos_token: str | None = None,
+    max_length: int = 512,
+    query_instruction: str | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> str:
+    """Writes a complete HF + sentence-transformers model folder and returns its path.
+
+    Contents: safetensors weights (base model, ``*Model`` architecture), ``config.json``, the
+    tokenizer files (with an EOS-appending post-processor when ``append_eos``),
+    ``modules.json`` + ``sentence_bert_config.json`` + ``1_Pooling/config.json`` (+ ``2_Normalize``)
+    + ``config_sentence_transformers.json`` (query prompt), and ``reasonembed_encoder.json`` with
+    the pooling settings ``TextEncoder`` reads back. Pass LoRA-merged ``params``.
+    """
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    dtype = dtype or _source_dtype(config)
+    write_hf_weights(params, config, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config.to_hf(torch_dtype=dtype), f, indent=2, sort_keys=True)
+
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = os.path.join(os.fspath(tokenizer_dir), name)
+            if os.path.isfile(src) and os.path.abspath(src) != os.path.join(
+                    os.path.abspath(out_dir), name):
+                shutil.copyfile(src, os.path.join(out_dir, name))
+    tok_json_path = os.path.join(out_dir, "tokenizer.json")
+    tok_cfg_path = os.path.join(out_dir, "tokenizer_config.json")
+    if os.path.isfile(tok_cfg_path):
+        with open(tok_cfg_path) as f:
+            tok_cfg = json.load(f)
+        tok_cfg["padding_side"] = "left"
+        tok_cfg["model_max_length"] = max_length
+        with open(tok_cfg_path, "w") as f:
+            json.dump(tok_cfg, f, indent=2, ensure_ascii=False)
+    if append_eos:
+        if not os.path.isfile(tok_json_path):
+            raise ValueError("append_eos needs a fast tokenizer (tokenizer.json) to export")
+        with open(tok_json_path, encoding="utf-8") as f:
+            tok_json = json.load(f)
+        eos = eos_token or _default_eos(tok_json, config)
+        ids = {t["content"]: t["id"] for t in tok_json.get("added_tokens", [])}
+        if eos not in ids:
+            raise ValueError(f"EOS token '{eos}' is not an added token of the tokenizer")
+        _append_eos_post_processor(tok_json, eos, ids[eos])
+        with open(tok_json_path, "w", encoding="utf-8") as f:
+            json.dump(tok_json, f, ensure_ascii=False)
+
+    _write_sentence_transformers_files(
+        out_dir, config.hidden_size, pooling, normalize, max_length, query_instruction
+    )
+    settings = {"pooling": pooling, "normalize": normalize, "append_eos": append_eos,
+                "eos_token": eos_token, "max_length": max_length,
+                "query_instruction": query_instruction}
+    with open(os.path.join(out_dir, ENCODER_SETTINGS_FILE), "w") as f:
+        json.dump(settings, f, indent=2)
+    return out_dir
+
+
+def _default_eos(tok_json: dict[str, Any], config: DecoderConfig) -> str:
+    """Qwen-family embedders pool ``<|endoftext|>``; other families use their config's EOS."""
+    names = {t["content"] for t in tok_json.get("added_tokens", [])}
+    if "<|endoftext|>" in names:
+        return "<|endoftext|>"
+    eos_id = (config.hf_config or {}).get("eos_token_id")
+    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+    for t in tok_json.get("added_tokens", []):
+        if t["id"] == eos_id:
+            return t["content"]
+    raise ValueError("cannot tell the EOS token; pass eos_token=")
+
+
+_ST_POOLING = {"last_token": "lasttoken", "mean": "mean", "first_token": "cls"}
+
+
+def _write_sentence_transformers_files(
+    out_dir: str, dim: int, pooling: str, normalize: bool, max_length: int,
+    query_instruction: str | None,
+) -> None:
+    if pooling not in _ST_POOLING:
+        raise ValueError(f"unknown pooling '{pooling}'")
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+        os.makedirs(os.path.join(out_dir, "2_Normalize"), exist_ok=True)
+    with open(os.path.join(out_dir, "modules.json"), "w") as f:
+        json.dump(modules, f, indent=2)
+    with open(os.path.join(out_dir, "sentence_bert_config.json"), "w") as f:
+        json.dump({"max_seq_length": max_length, "do_lower_case": False}, f, indent=2)
+    os.makedirs(os.path.join(out_dir, "1_Pooling"), exist_ok=True)
+    mode = _ST_POOLING[pooling]
+    pooling_cfg = {"word_embedding_dimension": dim, "include_prompt": True}
+    # The boolean keys are what every sentence-transformers release (3.x to 6.x) understands.
+    for key, value in (("cls_token", "cls"), ("mean_tokens", "mean"), ("max_tokens", "max"),
+                       ("mean_sqrt_len_tokens", "mean_sqrt_len_tokens"),
+                       ("weightedmean_tokens", "weightedmean"), ("lasttoken", "lasttoken")):
+        pooling_cfg[f"pooling_mode_{key}"] = value == mode
+    with open(os.path.join(out_dir, "1_Pooling", "config.json"), "w") as f:
+        json.dump(pooling_cfg, f, indent=2)
+    prompts = {"document": ""}
+    if query_instruction:
+        prompts["query"] = QUERY_TEMPLATE.format(instruction=query_instruction, query="")
+    with open(os.path.join(out_dir, "config_sentence_transformers.json"), "w") as f:
+        json.dump({"prompts": prompts, "default_prompt_name": None,
+                   "similarity_fn_name": "cosine"}, f, indent=2)
+
+
+def read_encoder_settings(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """The pooling settings saved by ``export_hf`` (empty for a plain HF folder)."""
+    path = os.path.join(os.fspath(model_dir), ENCODER_SETTINGS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,254 @@
+"""The decoder backbone (Qwen3 / Qwen2 / Llama-3.x) as a Flax NNX module, used as an encoder.
+
+Per-layer parameters are stacked on a leading ``layers`` axis and the layer function is run with
+``jax.lax.scan`` (one compiled layer for 36 layers) or an unrolled loop. Every parameter and the
+main activations carry logical axis names (see ``sharding.py``).
+
+Numerics follow HF transformers: RMSNorm in float32 then cast back, softmax in float32, rotary
+embeddings computed in float32. Positions count only real tokens (``cumsum(mask) - 1``), so an
+embedding does not depend on how much left padding its batch needed (RoPE is shift-invariant, so
+this matches HF's default positions up to rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import Mesh
+
+from reasonembed_jax.model.config import DecoderConfig
+from reasonembed_jax.model.params import LAYER_PREFIX, ParamSpec, param_specs
+from reasonembed_jax.model.sharding import DEFAULT_RULES, Rules, constrain
+
+Array = jax.Array
+# A hook that may replace a projection (LoRA adds its low-rank update here).
+ProjectFn = Callable[[str, Array, dict[str, Array], str], Array]
+
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """``weight * (x / sqrt(mean(x^2) + eps))`` with the statistics in float32."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_inverse_frequencies(config: DecoderConfig) -> Array:
+    """``theta^(-2i/d)``, rescaled by the Llama-3 rule when ``rope_scaling.rope_type == llama3``:
+    wavelengths longer than ``original_max/low_freq_factor`` are divided by ``factor``, shorter
+    than ``original_max/high_freq_factor`` kept, and those in between interpolated smoothly."""
+    d = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    scaling = config.rope_scaling
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        original = float(scaling["original_max_position_embeddings"])
+        wavelength = 2 * math.pi / inv
+        smooth = (original / wavelength - low) / (high - low)
+        interpolated = (1 - smooth) * inv / factor + smooth * inv
+        inv = jnp.where(
+            wavelength > original / low,
+            inv / factor,
+            jnp.where(wavelength < original / high, inv, interpolated),
+        )
+    return inv
+
+
+def rotary_tables(positions: Array, config: DecoderConfig) -> tuple[Array, Array]:
+    """cos/sin tables ``[B, T, head_dim]`` (float32) for integer ``positions [B, T]``."""
+    freqs = positions.astype(jnp.float32)[..., None] * rope_inverse_frequencies(config)
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotates ``x [B, T, heads, d]`` by the half-split convention: ``x*cos + rot(x)*sin`` with
+    ``rot([a, b]) = [-b, a]``."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def attention_mask_bias(attention_mask: Array, causal: bool) -> Array:
+    """Boolean ``[B, 1, 1, T, T]`` (query, key) mask: keys must be real tokens, and for causal
+    attention not after the query. Fully masked rows (padding queries) get a uniform softmax
+    instead of NaN because masked logits use a large finite negative."""
+    keys = attention_mask.astype(bool)[:, None, None, None, :]
+    if not causal:
+        return keys
+    t = attention_mask.shape[1]
+    lower = jnp.tril(jnp.ones((t, t), dtype=bool))
+    return keys & lower[None, None, None, :, :]
+
+
+def default_project(name: str, x: Array, params: dict[str, Array], equation: str) -> Array:
+    return jnp.einsum(equation, x, params[name])
+
+
+def decoder_layer(
+    x: Array,
+    params: dict[str, Array],
+    cos: Array,
+    sin: Array,
+    mask: Array,
+    config: DecoderConfig,
+    mesh: Mesh | None = None,
+    rules: Rules = DEFAULT_RULES,
+    project: ProjectFn = default_project,
+) -> Array:
+    """One pre-norm decoder block on ``x [B, T, hidden]`` with one layer's parameters."""
+    c = config
+    p = {k: v.astype(c.jnp_dtype) for k, v in params.items()}
+    b, t, _ = x.shape
+    heads, kv_heads, d = c.num_heads, c.num_kv_heads, c.head_dim
+
+    h = rms_norm(x, p["input_norm"], c.rms_norm_eps)
+    q = checkpoint_name(project("q_proj", h, p, "bth,hnd->btnd"), "query_proj")
+    k = checkpoint_name(project("k_proj", h, p, "bth,hnd->btnd"), "key_proj")
+    v = checkpoint_name(project("v_proj", h, p, "bth,hnd->btnd"), "value_proj")
+    if c.attention_bias:
+        q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+    if c.qk_norm:
+        q = rms_norm(q, p["q_norm"], c.rms_norm_eps)
+        k = rms_norm(k, p["k_norm"], c.rms_norm_eps)
+    q = constrain(apply_rotary(q, cos, sin),
+                  ("activation_batch", "activation_length", "activation_heads", None), mesh, rules)
+    k = constrain(apply_rotary(k, cos, sin),
+                  ("activation_batch", "activation_length", "activation_kv_heads", None), mesh,
+                  rules)
+
+    group = heads // kv_heads
+    q = q.reshape(b, t, kv_heads, group, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = logits * (d**-0.5)
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    attn = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, heads, d)
+    out = checkpoint_name(project("o_proj", attn, p, "btnd,ndh->bth"), "out_proj")
+    if "o_bias" in p:
+        out = out + p["o_bias"]
+    x = x + out
+    x = constrain(x, ("activation_batch", "activation_length", "activation_embed"), mesh, rules)
+
+    h = rms_norm(x, p["post_attention_norm"], c.rms_norm_eps)
+    gate = project("gate_proj", h, p, "bth,hm->btm")
+    up = project("up_proj", h, p, "bth,hm->btm")
+    if c.mlp_bias:
+        gate, up = gate + p["gate_bias"], up + p["up_bias"]
+    hidden = constrain(jax.nn.silu(gate) * up,
+                       ("activation_batch", "activation_length", "activation_mlp"), mesh, rules)
+    down = checkpoint_name(project("down_proj", hidden, p, "btm,mh->bth"), "mlp_out")
+    if c.mlp_bias:
+        down = down + p["down_bias"]
+    x = x + down
+    return constrain(x, ("activation_batch", "activation_length", "activation_embed"), mesh, rules)
+
+
+def remat_policy(name: str) -> Any:
+    """Named rematerialisation policies: ``none`` (keep everything), ``full`` (recompute
+    everything), ``dots`` (save matmuls without batch dims), ``save_projections`` (save the
+    q/k/v/o and MLP output projections by checkpoint name)."""
+    policies = {
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "save_projections": jax.checkpoint_policies.save_only_these_names(
+            "query_proj", "key_proj", "value_proj", "out_proj", "mlp_out"
+        ),
+    }
+    if name == "none":
+        return None
+    if name not in policies:
+        raise ValueError(f"unknown remat policy '{name}'; choose none or one of {sorted(policies)}")
+    return policies[name]
+
+
+def _init_value(spec: ParamSpec, key: Array, config: DecoderConfig) -> Array:
+    dtype = config.jnp_param_dtype
+    if spec.init == "ones":
+        return jnp.ones(spec.shape, dtype)
+    if spec.init == "zeros":
+        return jnp.zeros(spec.shape, dtype)
+    return (config.initializer_range * jax.random.normal(key, spec.shape, jnp.float32)).astype(dtype)
+
+
+class DecoderLayers(nnx.Module):
+    """Container of the stacked per-layer parameters (attribute name = table key)."""
+
+
+class DecoderEncoder(nnx.Module):
+    """A decoder LLM used as a text encoder: token ids -> final hidden states (after final norm).
+
+    Parameters come from ``param_specs(config)``; each ``nnx.Param`` carries ``logical_axes``.
+    """
+
+    def __init__(
+        self,
+        config: DecoderConfig,
+        *,
+        rngs: nnx.Rngs,
+        mesh: Mesh | None = None,
+        rules: Rules = DEFAULT_RULES,
+    ):
+        self.config = config
+        self.mesh = mesh
+        self.rules = tuple(rules)
+        self.layers = DecoderLayers()
+        for path, spec in param_specs(config).items():
+            param = nnx.Param(_init_value(spec, rngs.params(), config),
+                              logical_axes=spec.logical_axes)
+            if path.startswith(LAYER_PREFIX):
+                setattr(self.layers, path[len(LAYER_PREFIX):], param)
+            else:
+                setattr(self, path, param)
+
+    def layer_params(self) -> dict[str, Array]:
+        """The stacked per-layer parameter arrays ``{name: [L, ...]}``."""
+        return {
+            name: value[...]
+            for name, value in vars(self.layers).items()
+            if isinstance(value, nnx.Variable) and not name.startswith("_")
+        }
+
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array,
+        *,
+        project: ProjectFn = default_project,
+        layer_params: dict[str, Array] | None = None,
+    ) -> Array:
+        """Final hidden states ``[B, T, hidden]`` for ``input_ids``/``attention_mask [B, T]``.
+
+        ``project``/``layer_params`` let adapters (LoRA) change the projections without touching
+        this code.
+        """
+        c = self.config
+        mesh, rules = self.mesh, self.rules
+        attention_mask = attention_mask.astype(jnp.int32)
+        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(c.jnp_dtype)
+        x = constrain(x, ("activation_batch", "activation_length", "activation_embed"), mesh, rules)
+        positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+        cos, sin = rotary_tables(positions, c)
+        mask = attention_mask_bias(attention_mask, causal=c.attention == "causal")
+        stacked = self.layer_params() if layer_params is None else layer_params
+
+        def layer_fn(h: Array, p: dict[str, Array]) -> Array:
+            return decoder_layer(h, p, cos, sin, mask, c, mesh, rules, project)
+
+        policy = remat_policy(c.remat_policy)
+        if c.remat_policy != "none":
+            layer_fn = jax.checkpoint(layer_fn, policy=policy)
+        if c.scan_layers:
+            x, _ = jax.lax.scan(lambda h, p: (layer_fn(h, p), None), x, stacked)
+        else:
+            for i in range(c.num_layers):
+                x = layer_fn(x, jax.tree.map(lambda a, i=i: a[i], stacked))
+        return rms_norm(x, self.norm[...], c.rms_norm_eps)

@@ -1,0 +1,127 @@
+"""The parameter table: every parameter's shape, logical axes, initialiser and HF name/layout.
+
+Model construction, abstract shapes, sharding and HF conversion all read this one table, so a
+parameter cannot be added to one and forgotten in another.
+
+Layouts (ours vs HF ``nn.Linear.weight`` which is ``[out, in]``):
+
+- ``q_proj``  ``[L, hidden, heads, head_dim]``      HF ``[heads*head_dim, hidden]``
+- ``k_proj``/``v_proj`` ``[L, hidden, kv_heads, head_dim]``
+- ``o_proj``  ``[L, heads, head_dim, hidden]``      HF ``[hidden, heads*head_dim]``
+- ``gate_proj``/``up_proj`` ``[L, hidden, mlp]``, ``down_proj`` ``[L, mlp, hidden]``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from reasonembed_jax.model.config import DecoderConfig
+
+LAYER_PREFIX = "layers."
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One parameter. ``hf_name`` has a ``{layer}`` field for per-layer (stacked) parameters;
+    ``from_hf``/``to_hf`` convert one layer's tensor between HF and our layout."""
+
+    shape: tuple[int, ...]
+    logical_axes: tuple[str, ...]
+    init: str  # "normal", "ones" or "zeros"
+    hf_name: str
+    from_hf: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+    @property
+    def stacked(self) -> bool:
+        return "{layer}" in self.hf_name
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        """Shape of one HF tensor (one layer's, for stacked parameters)."""
+        layer_shape = self.shape[1:] if self.stacked else self.shape
+        return tuple(jax.eval_shape(self.to_hf, jax.ShapeDtypeStruct(layer_shape, np.float32)).shape)
+
+
+def _identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def _linear(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[Callable, Callable]:
+    """HF ``[out, in]`` weight <-> our ``[*in_shape, *out_shape]`` kernel."""
+    n_in, n_out = int(np.prod(in_shape)), int(np.prod(out_shape))
+
+    def from_hf(w: np.ndarray) -> np.ndarray:
+        return w.T.reshape(*in_shape, *out_shape)
+
+    def to_hf(w: np.ndarray) -> np.ndarray:
+        return w.reshape(n_in, n_out).T
+
+    return from_hf, to_hf
+
+
+def _reshape(shape: tuple[int, ...]) -> tuple[Callable, Callable]:
+    return (lambda w: w.reshape(shape)), (lambda w: w.reshape(-1))
+
+
+def param_specs(config: DecoderConfig) -> dict[str, ParamSpec]:
+    """The parameter table of ``config``, keyed by our dotted parameter path."""
+    c = config
+    L, H, M = c.num_layers, c.hidden_size, c.intermediate_size
+    N, K, D = c.num_heads, c.num_kv_heads, c.head_dim
+    specs: dict[str, ParamSpec] = {
+        "embed_tokens": ParamSpec(
+            (c.vocab_size, H), ("vocab", "embed"), "normal", "embed_tokens.weight",
+            _identity, _identity,
+        ),
+        "norm": ParamSpec((H,), ("norm",), "ones", "norm.weight", _identity, _identity),
+    }
+
+    def layer(name: str, shape: tuple[int, ...], axes: tuple[str, ...], init: str, hf: str,
+              convert: tuple[Callable, Callable] = (_identity, _identity)) -> None:
+        specs[LAYER_PREFIX + name] = ParamSpec(
+            (L, *shape), ("layers", *axes), init, f"layers.{{layer}}.{hf}", *convert
+        )
+
+    layer("input_norm", (H,), ("norm",), "ones", "input_layernorm.weight")
+    layer("post_attention_norm", (H,), ("norm",), "ones", "post_attention_layernorm.weight")
+    for name, heads, axis in (("q", N, "q_heads"), ("k", K, "kv_heads"), ("v", K, "kv_heads")):
+        layer(f"{name}_proj", (H, heads, D), ("embed", axis, "head_dim"), "normal",
+              f"self_attn.{name}_proj.weight", _linear((H,), (heads, D)))
+        if c.attention_bias:
+            layer(f"{name}_bias", (heads, D), (axis, "head_dim"), "zeros",
+                  f"self_attn.{name}_proj.bias", _reshape((heads, D)))
+    layer("o_proj", (N, D, H), ("q_heads", "head_dim", "embed"), "normal",
+          "self_attn.o_proj.weight", _linear((N, D), (H,)))
+    if c.attention_bias and c.model_type != "qwen2":
+        layer("o_bias", (H,), ("norm",), "zeros", "self_attn.o_proj.bias")
+    if c.qk_norm:
+        layer("q_norm", (D,), ("head_dim",), "ones", "self_attn.q_norm.weight")
+        layer("k_norm", (D,), ("head_dim",), "ones", "self_attn.k_norm.weight")
+    layer("gate_proj", (H, M), ("embed", "mlp"), "normal", "mlp.gate_proj.weight",
+          _linear((H,), (M,)))
+    layer("up_proj", (H, M), ("embed", "mlp"), "normal", "mlp.up_proj.weight",
+          _linear((H,), (M,)))
+    layer("down_proj", (M, H), ("mlp", "embed"), "normal", "mlp.down_proj.weight",
+          _linear((M,), (H,)))
+    if c.mlp_bias:
+        layer("gate_bias", (M,), ("mlp",), "zeros", "mlp.gate_proj.bias")
+        layer("up_bias", (M,), ("mlp",), "zeros", "mlp.up_proj.bias")
+        layer("down_bias", (H,), ("norm",), "zeros", "mlp.down_proj.bias")
+    return specs
+
+
+def hf_parameter_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    """HF base-model tensor names and shapes implied by the table (one entry per layer)."""
+    out = {}
+    for spec in param_specs(config).values():
+        if spec.stacked:
+            for i in range(config.num_layers):
+                out[spec.hf_name.format(layer=i)] = spec.hf_shape
+        else:
+            out[spec.hf_name] = spec.hf_shape
+    return out
