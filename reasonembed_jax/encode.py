@@ -33,6 +33,7 @@ from reasonembed_jax.model.sharding import make_mesh
 from reasonembed_jax.text import (
     DEFAULT_BUCKETS,
     bucket_length,
+    embedding_eos_token_id,
     format_query,
     load_tokenizer,
     pad_left,
@@ -131,12 +132,9 @@ class TextEncoder:
             "max_length": max_length or saved.get("max_length", 512),
             "dim": dim,
         }
-        eos_token = saved.get("eos_token")
         eos_id = None
         if settings["append_eos"]:
-            eos_id = tokenizer.convert_tokens_to_ids(eos_token or "<|endoftext|>")
-            if eos_id is None or eos_id == tokenizer.unk_token_id:
-                eos_id = tokenizer.eos_token_id
+            eos_id = embedding_eos_token_id(tokenizer, saved.get("eos_token"))
         identity = json.dumps(
             {"weights": _weights_fingerprint(model_dir), "dtype": dtype, "attention": attention,
              **settings}, sort_keys=True)

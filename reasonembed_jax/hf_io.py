@@ -23,10 +23,10 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from reasonembed_jax.model.config import DecoderConfig
 from reasonembed_jax.model.decoder import DecoderEncoder
-from reasonembed_jax.model.params import LAYER_PREFIX, param_specs
+from reasonembed_jax.model.params import param_specs
 from reasonembed_jax.model.sharding import DEFAULT_RULES, Rules, named_sharding
 from reasonembed_jax.safetensors_io import CheckpointReader, save_file
-from reasonembed_jax.text import QUERY_TEMPLATE
+from reasonembed_jax.text import EMBEDDING_EOS_TOKENS, QUERY_TEMPLATE
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,7 @@ def abstract_encoder(
 def set_params(model: DecoderEncoder, params: Mapping[str, jax.Array]) -> DecoderEncoder:
     """Writes ``{dotted path: array}`` into ``model``'s parameters (in place) and returns it."""
     for path, value in params.items():
-        owner = model.layers if path.startswith(LAYER_PREFIX) else model
-        var = getattr(owner, path.removeprefix(LAYER_PREFIX))
+        var = model.variable(path)
         if tuple(var.shape) != tuple(value.shape):
             raise ValueError(f"parameter '{path}': shape {tuple(value.shape)} != {var.shape}")
         var.set_value(value)
@@ -126,11 +125,7 @@ def set_params(model: DecoderEncoder, params: Mapping[str, jax.Array]) -> Decode
 
 def get_params(model: DecoderEncoder) -> dict[str, jax.Array]:
     """``{dotted path: array}`` for every table parameter of ``model``."""
-    out = {}
-    for path in param_specs(model.config):
-        owner = model.layers if path.startswith(LAYER_PREFIX) else model
-        out[path] = getattr(owner, path.removeprefix(LAYER_PREFIX)).get_value()
-    return out
+    return model.params()
 
 
 def load_encoder(
@@ -296,6 +291,7 @@ def export_hf(
         tok_cfg["model_max_length"] = max_length
         with open(tok_cfg_path, "w") as f:
             json.dump(tok_cfg, f, indent=2, ensure_ascii=False)
+    eos = None
     if append_eos:
         if not os.path.isfile(tok_json_path):
             raise ValueError("append_eos needs a fast tokenizer (tokenizer.json) to export")
@@ -313,7 +309,7 @@ def export_hf(
         out_dir, config.hidden_size, pooling, normalize, max_length, query_instruction
     )
     settings = {"pooling": pooling, "normalize": normalize, "append_eos": append_eos,
-                "eos_token": eos_token, "max_length": max_length,
+                "eos_token": eos, "max_length": max_length,
                 "query_instruction": query_instruction}
     with open(os.path.join(out_dir, ENCODER_SETTINGS_FILE), "w") as f:
         json.dump(settings, f, indent=2)
@@ -323,8 +319,9 @@ def export_hf(
 def _default_eos(tok_json: dict[str, Any], config: DecoderConfig) -> str:
     """Qwen-family embedders pool ``<|endoftext|>``; other families use their config's EOS."""
     names = {t["content"] for t in tok_json.get("added_tokens", [])}
-    if "<|endoftext|>" in names:
-        return "<|endoftext|>"
+    for name in EMBEDDING_EOS_TOKENS:
+        if name in names:
+            return name
     eos_id = (config.hf_config or {}).get("eos_token_id")
     eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
     for t in tok_json.get("added_tokens", []):

@@ -37,6 +37,24 @@ def load_tokenizer(path: str | os.PathLike):  # noqa: ANN201 (transformers type)
     return tokenizer
 
 
+# Qwen-family embedders (Qwen3-Embedding) append and pool <|endoftext|>, not the chat EOS.
+EMBEDDING_EOS_TOKENS = ("<|endoftext|>",)
+
+
+def embedding_eos_token_id(tokenizer, eos_token: str | None = None) -> int:  # noqa: ANN001
+    """The id appended before last-token pooling: ``eos_token`` if given, else the first of
+    ``EMBEDDING_EOS_TOKENS`` the vocabulary has, else the tokenizer's own EOS."""
+    vocab = tokenizer.get_vocab()
+    for name in ((eos_token,) if eos_token else EMBEDDING_EOS_TOKENS):
+        if name in vocab:
+            return int(vocab[name])
+    if eos_token:
+        raise ValueError(f"EOS token '{eos_token}' is not in the tokenizer's vocabulary")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; set the EOS token explicitly")
+    return int(tokenizer.eos_token_id)
+
+
 def bucket_length(length: int, buckets: Sequence[int] | None, max_length: int) -> int:
     """The smallest bucket >= ``length`` (capped at ``max_length``); ``length`` with no buckets."""
     if not buckets:
@@ -62,9 +80,9 @@ def tokenize_to_ids(
         raise TypeError("expected a sequence of strings, not a single string")
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
-    eos = eos_token_id if eos_token_id is not None else tokenizer.eos_token_id
-    if append_eos and eos is None:
-        raise ValueError("append_eos=True but the tokenizer has no EOS token id")
+    eos = None
+    if append_eos:
+        eos = eos_token_id if eos_token_id is not None else embedding_eos_token_id(tokenizer)
     budget = max_length - 1 if append_eos else max_length
     encoded = tokenizer(
         list(texts),

@@ -19,7 +19,10 @@ if not flags.FLAGS.is_parsed():
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = pathlib.Path(os.environ.get("REASONEMBED_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+SHARED_DATA = pathlib.Path(
+    os.environ.get("REASONEMBED_SHARED_DATA", REPO_ROOT.parent / "shared" / "data")).resolve()
+# Config files read this to find the shared data wherever the tests run from.
+os.environ["REASONEMBED_SHARED_DATA"] = str(SHARED_DATA)
 
 
 @pytest.fixture(scope="session")

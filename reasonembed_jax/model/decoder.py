@@ -13,7 +13,7 @@ this matches HF's default positions up to rounding).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -106,7 +106,8 @@ def decoder_layer(
 ) -> Array:
     """One pre-norm decoder block on ``x [B, T, hidden]`` with one layer's parameters."""
     c = config
-    p = {k: v.astype(c.jnp_dtype) for k, v in params.items()}
+    p = {k: v.astype(c.jnp_dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v
+         for k, v in params.items()}
     b, t, _ = x.shape
     heads, kv_heads, d = c.num_heads, c.num_kv_heads, c.head_dim
 
@@ -179,6 +180,44 @@ def _init_value(spec: ParamSpec, key: Array, config: DecoderConfig) -> Array:
     return (config.initializer_range * jax.random.normal(key, spec.shape, jnp.float32)).astype(dtype)
 
 
+def forward(
+    config: DecoderConfig,
+    params: Mapping[str, Array],
+    input_ids: Array,
+    attention_mask: Array,
+    *,
+    mesh: Mesh | None = None,
+    rules: Rules = DEFAULT_RULES,
+    project: ProjectFn = default_project,
+) -> Array:
+    """Final hidden states ``[B, T, hidden]`` (after the final norm) as a pure function of the
+    flat parameter dict ``{"embed_tokens", "norm", "layers.<name>": [L, ...]}``.
+
+    Extra ``layers.*`` entries (LoRA factors, per-layer dropout keys) are passed through to
+    ``project`` inside each layer, sliced to that layer.
+    """
+    c = config
+    attention_mask = attention_mask.astype(jnp.int32)
+    x = jnp.take(params["embed_tokens"], input_ids, axis=0).astype(c.jnp_dtype)
+    x = constrain(x, ("activation_batch", "activation_length", "activation_embed"), mesh, rules)
+    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+    cos, sin = rotary_tables(positions, c)
+    mask = attention_mask_bias(attention_mask, causal=c.attention == "causal")
+    stacked = {k[len(LAYER_PREFIX):]: v for k, v in params.items() if k.startswith(LAYER_PREFIX)}
+
+    def layer_fn(h: Array, p: dict[str, Array]) -> Array:
+        return decoder_layer(h, p, cos, sin, mask, c, mesh, rules, project)
+
+    if c.remat_policy != "none":
+        layer_fn = jax.checkpoint(layer_fn, policy=remat_policy(c.remat_policy))
+    if c.scan_layers:
+        x, _ = jax.lax.scan(lambda h, p: (layer_fn(h, p), None), x, stacked)
+    else:
+        for i in range(c.num_layers):
+            x = layer_fn(x, jax.tree.map(lambda a, i=i: a[i], stacked))
+    return rms_norm(x, params["norm"], c.rms_norm_eps)
+
+
 class DecoderLayers(nnx.Module):
     """Container of the stacked per-layer parameters (attribute name = table key)."""
 
@@ -187,6 +226,8 @@ class DecoderEncoder(nnx.Module):
     """A decoder LLM used as a text encoder: token ids -> final hidden states (after final norm).
 
     Parameters come from ``param_specs(config)``; each ``nnx.Param`` carries ``logical_axes``.
+    The computation is ``forward`` on ``self.params()``, so training code can use the same
+    function on plain parameter pytrees.
     """
 
     def __init__(
@@ -209,13 +250,14 @@ class DecoderEncoder(nnx.Module):
             else:
                 setattr(self, path, param)
 
-    def layer_params(self) -> dict[str, Array]:
-        """The stacked per-layer parameter arrays ``{name: [L, ...]}``."""
-        return {
-            name: value[...]
-            for name, value in vars(self.layers).items()
-            if isinstance(value, nnx.Variable) and not name.startswith("_")
-        }
+    def variable(self, path: str) -> nnx.Param:
+        """The ``nnx.Param`` of a dotted table path (``"layers.q_proj"``)."""
+        owner = self.layers if path.startswith(LAYER_PREFIX) else self
+        return getattr(owner, path.removeprefix(LAYER_PREFIX))
+
+    def params(self) -> dict[str, Array]:
+        """``{dotted path: array}`` for every parameter of the table."""
+        return {path: self.variable(path).get_value() for path in param_specs(self.config)}
 
     def __call__(
         self,
@@ -223,32 +265,7 @@ class DecoderEncoder(nnx.Module):
         attention_mask: Array,
         *,
         project: ProjectFn = default_project,
-        layer_params: dict[str, Array] | None = None,
     ) -> Array:
-        """Final hidden states ``[B, T, hidden]`` for ``input_ids``/``attention_mask [B, T]``.
-
-        ``project``/``layer_params`` let adapters (LoRA) change the projections without touching
-        this code.
-        """
-        c = self.config
-        mesh, rules = self.mesh, self.rules
-        attention_mask = attention_mask.astype(jnp.int32)
-        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(c.jnp_dtype)
-        x = constrain(x, ("activation_batch", "activation_length", "activation_embed"), mesh, rules)
-        positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
-        cos, sin = rotary_tables(positions, c)
-        mask = attention_mask_bias(attention_mask, causal=c.attention == "causal")
-        stacked = self.layer_params() if layer_params is None else layer_params
-
-        def layer_fn(h: Array, p: dict[str, Array]) -> Array:
-            return decoder_layer(h, p, cos, sin, mask, c, mesh, rules, project)
-
-        policy = remat_policy(c.remat_policy)
-        if c.remat_policy != "none":
-            layer_fn = jax.checkpoint(layer_fn, policy=policy)
-        if c.scan_layers:
-            x, _ = jax.lax.scan(lambda h, p: (layer_fn(h, p), None), x, stacked)
-        else:
-            for i in range(c.num_layers):
-                x = layer_fn(x, jax.tree.map(lambda a, i=i: a[i], stacked))
-        return rms_norm(x, self.norm[...], c.rms_norm_eps)
+        """Final hidden states ``[B, T, hidden]`` for ``input_ids``/``attention_mask [B, T]``."""
+        return forward(self.config, self.params(), input_ids, attention_mask, mesh=self.mesh,
+                       rules=self.rules, project=project)

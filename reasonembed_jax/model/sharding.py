@@ -41,7 +41,8 @@ Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 def make_mesh(
     data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
-    """A (data, fsdp, tensor) mesh with GSPMD (Auto) axes; one size may be -1 (the remainder)."""
+    """A (data, fsdp, tensor) mesh with GSPMD (Auto) axes; one size may be -1 (the remainder).
+    With every size explicit and fewer devices asked for than exist, the first ones are used."""
     devices = list(devices if devices is not None else jax.devices())
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
@@ -51,6 +52,8 @@ def make_mesh(
         if len(devices) % known:
             raise ValueError(f"{len(devices)} devices do not divide by fsdp*tensor*data={known}")
         sizes[sizes.index(-1)] = len(devices) // known
+    if -1 not in (data, fsdp, tensor) and int(np.prod(sizes)) < len(devices):
+        devices = devices[: int(np.prod(sizes))]  # an explicit smaller mesh uses the first devices
     if int(np.prod(sizes)) != len(devices):
         raise ValueError(
             f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {int(np.prod(sizes))} "

@@ -1,0 +1,154 @@
+"""LoRA adapters on the decoder's projections: ``W x + (alpha / r) * B A dropout(x)``.
+
+Adapters are extra stacked parameters next to the base ones, ``layers.<proj>.lora_a
+[L, *in, r]`` and ``layers.<proj>.lora_b [L, r, *out]``, so they scan with their layer and shard by
+logical axes like every other parameter. ``A`` starts random and ``B`` at zero, so training starts
+from the base model exactly. ``merge_lora`` folds them into the base weights for export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from reasonembed_jax.model.config import DecoderConfig
+from reasonembed_jax.model.decoder import ProjectFn
+from reasonembed_jax.model.params import LAYER_PREFIX, param_specs
+
+Array = jax.Array
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The contraction each projection performs in ``decoder_layer`` (activation, kernel -> output).
+EQUATIONS = {
+    "q_proj": "bth,hnd->btnd", "k_proj": "bth,hnd->btnd", "v_proj": "bth,hnd->btnd",
+    "o_proj": "btnd,ndh->bth", "gate_proj": "bth,hm->btm", "up_proj": "bth,hm->btm",
+    "down_proj": "btm,mh->bth",
+}
+DROPOUT_KEYS = "lora_dropout_keys"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 32
+    alpha: float = 64.0
+    dropout: float = 0.1
+    targets: tuple[str, ...] = PROJECTIONS
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.targets) - set(PROJECTIONS))
+        if unknown:
+            raise ValueError(f"unknown LoRA target modules {unknown}; choose from {PROJECTIONS}")
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def _split_equation(equation: str) -> tuple[str, str, str, str, str]:
+    """``"bth,hnd->btnd"`` -> (x, kernel, out, contracted "h", kernel outputs "nd")."""
+    lhs, out = equation.split("->")
+    x, kernel = lhs.split(",")
+    contracted = "".join(c for c in kernel if c in x)
+    produced = "".join(c for c in kernel if c not in x)
+    return x, kernel, out, contracted, produced
+
+
+def lora_param_shapes(config: DecoderConfig, lora: LoraConfig) -> dict[str, tuple[tuple, tuple]]:
+    """``{path: (shape, logical_axes)}`` of the adapter parameters."""
+    specs = param_specs(config)
+    out = {}
+    for name in lora.targets:
+        spec = specs[LAYER_PREFIX + name]
+        _, _, _, contracted, _ = _split_equation(EQUATIONS[name])
+        n_in = len(contracted)
+        layers, in_shape, out_shape = spec.shape[0], spec.shape[1:1 + n_in], spec.shape[1 + n_in:]
+        in_axes, out_axes = spec.logical_axes[1:1 + n_in], spec.logical_axes[1 + n_in:]
+        out[f"{LAYER_PREFIX}{name}.lora_a"] = ((layers, *in_shape, lora.rank),
+                                               ("layers", *in_axes, "lora_rank"))
+        out[f"{LAYER_PREFIX}{name}.lora_b"] = ((layers, lora.rank, *out_shape),
+                                               ("layers", "lora_rank", *out_axes))
+    return out
+
+
+def init_lora(config: DecoderConfig, lora: LoraConfig, key: Array) -> dict[str, Array]:
+    """``A ~ N(0, 1/fan_in)``, ``B = 0`` (the adapted model starts equal to the base)."""
+    params = {}
+    shapes = lora_param_shapes(config, lora)
+    keys = jax.random.split(key, len(shapes))
+    for k, (path, (shape, _)) in zip(keys, sorted(shapes.items()), strict=True):
+        if path.endswith(".lora_a"):
+            fan_in = 1
+            for d in shape[1:-1]:
+                fan_in *= d
+            params[path] = jax.random.normal(k, shape, jnp.float32) / jnp.sqrt(fan_in)
+        else:
+            params[path] = jnp.zeros(shape, jnp.float32)
+    return params
+
+
+def _name_salt(name: str) -> int:
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def lora_project(lora: LoraConfig, *, train: bool) -> ProjectFn:
+    """A ``project`` hook for ``forward`` that adds the adapters (with dropout when ``train``).
+
+    Dropout keys travel as the per-layer entry ``DROPOUT_KEYS`` so every layer and projection
+    draws its own mask, reproducibly from the step's key.
+    """
+    targets = frozenset(lora.targets)
+
+    def project(name: str, x: Array, p: Mapping[str, Array], equation: str) -> Array:
+        y = jnp.einsum(equation, x, p[name])
+        if name not in targets:
+            return y
+        xs, _, out, contracted, produced = _split_equation(equation)
+        batch = "".join(c for c in xs if c not in contracted)
+        inp = x
+        if train and lora.dropout > 0.0:
+            key = jax.random.fold_in(jax.random.wrap_key_data(p[DROPOUT_KEYS]), _name_salt(name))
+            keep = jax.random.bernoulli(key, 1.0 - lora.dropout, x.shape)
+            inp = jnp.where(keep, x / (1.0 - lora.dropout), 0).astype(x.dtype)
+        a = p[f"{name}.lora_a"].astype(x.dtype)
+        b = p[f"{name}.lora_b"].astype(x.dtype)
+        low = jnp.einsum(f"{xs},{contracted}r->{batch}r", inp, a)
+        return y + lora.scale * jnp.einsum(f"{batch}r,r{produced}->{out}", low, b)
+
+    return project
+
+
+def with_dropout_keys(params: Mapping[str, Array], key: Array, num_layers: int) -> dict[str, Array]:
+    """Adds one dropout key per layer (as raw key data, so it scans like a parameter)."""
+    out = dict(params)
+    out[LAYER_PREFIX + DROPOUT_KEYS] = jax.random.key_data(
+        jax.random.split(jax.random.wrap_key_data(key) if key.dtype == jnp.uint32 else key,
+                         num_layers))
+    return out
+
+
+def merge_lora(
+    base: Mapping[str, Array], adapters: Mapping[str, Array], lora: LoraConfig
+) -> dict[str, Array]:
+    """Base parameters with ``(alpha/r) * A B`` added to every adapted kernel (float32 sum, cast
+    back to the base dtype)."""
+    merged = dict(base)
+    for name in lora.targets:
+        path = LAYER_PREFIX + name
+        _, kernel, _, contracted, produced = _split_equation(EQUATIONS[name])
+        a, b = adapters[f"{path}.lora_a"], adapters[f"{path}.lora_b"]
+        delta = jnp.einsum(f"l{contracted}r,lr{produced}->l{kernel}", a.astype(jnp.float32),
+                           b.astype(jnp.float32))
+        merged[path] = (base[path].astype(jnp.float32) + lora.scale * delta).astype(base[path].dtype)
+    return merged
+
+
+def lora_targets_from_names(names: Sequence[str]) -> tuple[str, ...]:
+    """Accepts HF-style module names (``q_proj``, ``self_attn.q_proj``, ``mlp.up_proj``)."""
+    return tuple(n.rsplit(".", 1)[-1] for n in names)

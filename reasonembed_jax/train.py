@@ -1,0 +1,57 @@
+"""Train an embedder.
+
+    python -m reasonembed_jax.train --config configs/NAME.py[:ARG] --workdir DIR \
+        [--config.a.b=value ...] [--dry_run]
+
+The config file defines ``get_config(arg)`` returning an ``ml_collections.ConfigDict``; every
+field can be overridden on the command line and an unknown key is an error that names it.
+A restart with the same workdir resumes from the newest checkpoint. ``--dry_run`` compiles the
+step for every configured domain shape and prints the per-device memory plan without loading
+weights or data (add ``--xla_force_host_platform_device_count=N`` to XLA_FLAGS to plan an
+N-device mesh on a laptop).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file, optionally followed by ':ARG' for get_config(ARG).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, exports.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False,
+                             "Compile the step and print the per-device memory plan; no training.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr, force=True)
+    for noisy in ("absl", "orbax", "jax._src", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from reasonembed_jax.training.trainer import TrainingError, train
+
+    if not _DRY_RUN.value and not _WORKDIR.value:
+        raise app.UsageError("--workdir is required (except with --dry_run)")
+    try:
+        result = train(_CONFIG.value, _WORKDIR.value or "", dry_run=_DRY_RUN.value)
+    except TrainingError as err:
+        logging.error("%s", err)
+        sys.exit(2)
+    if not _DRY_RUN.value:
+        summary = {k: v for k, v in result.items() if k not in ("history", "state", "frozen")}
+        if result.get("history"):
+            summary["last"] = result["history"][-1]
+        print(json.dumps(summary, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    app.run(main)

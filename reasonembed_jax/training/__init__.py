@@ -1,0 +1,1 @@
+"""Training: configuration, the jitted step (plain and GradCache), checkpoints and the loop."""

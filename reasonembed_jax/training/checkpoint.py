@@ -1,0 +1,89 @@
+"""Orbax checkpoints of the train state and the data iterator position.
+
+A save is asynchronous; Orbax writes into a temporary folder and renames it when complete, so
+a kill mid-save leaves no half checkpoint under a step name. If the newest checkpoint still
+fails to restore (damaged files), the previous one is used and a warning says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """Saves ``{"state": pytree, "data": JSON}`` every ``every`` steps, keeping the last ``keep``."""
+
+    def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        self.every = every
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            save_interval_steps=max(every, 1),
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data"))
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, data_state: dict[str, Any], *, force: bool = False) -> bool:
+        """Saves if ``step`` is on the interval (or ``force``); returns whether it saved."""
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                    data=ocp.args.JsonSave(data_state)),
+            force=force,
+        )
+
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
+        """``(step, state, data_state)`` of the newest checkpoint that restores, or None."""
+        steps = self.steps()
+        for step in reversed(steps):
+            try:
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                            data=ocp.args.JsonRestore()),
+                )
+            except Exception as err:  # noqa: BLE001 (any failure means: try the previous one)
+                log.warning("checkpoint at step %d in %s cannot be restored (%s: %s); "
+                            "falling back to the previous checkpoint", step, self.directory,
+                            type(err).__name__, str(err).splitlines()[0][:200])
+                continue
+            if step != steps[-1]:
+                log.warning("resumed from step %d, not the newest step %d", step, steps[-1])
+            return step, restored["state"], dict(restored["data"])
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+    """Shape/dtype/sharding skeleton of a pytree of arrays, for restoring into the same layout."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        tree,
+    )
+
+
+def data_state_to_json(state_bytes: bytes) -> dict[str, Any]:
+    return {"grain": json.loads(state_bytes.decode("utf-8"))}
+
+
+def data_state_from_json(saved: dict[str, Any]) -> bytes:
+    return json.dumps(saved["grain"], sort_keys=True).encode("utf-8")

@@ -1,0 +1,591 @@
+"""The training loop, top to bottom: mesh, model, shardings, data, compiled step, loop.
+
+    state, metrics = train_step(state, frozen, batch)     # one jitted, donated update
+
+Resumes automatically from the newest restorable checkpoint in ``workdir``; saves every
+``train.checkpoint_every`` steps and on SIGTERM; writes metrics to ``metrics.jsonl`` and
+TensorBoard; exports an HF folder (LoRA merged) at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from reasonembed_jax import hf_io
+from reasonembed_jax.lora import LoraConfig, init_lora, lora_param_shapes, merge_lora
+from reasonembed_jax.model.config import DecoderConfig
+from reasonembed_jax.model.decoder import _init_value
+from reasonembed_jax.model.params import param_specs
+from reasonembed_jax.model.sharding import DEFAULT_RULES, make_mesh, named_sharding
+from reasonembed_jax.tiny_model import shrink_hf_config
+from reasonembed_jax.training.checkpoint import (
+    Checkpointer,
+    abstract_like,
+    data_state_from_json,
+    data_state_to_json,
+)
+from reasonembed_jax.training.step import (
+    StepConfig,
+    make_optimizer,
+    make_schedule,
+    make_train_step,
+)
+
+log = logging.getLogger("reasonembed_jax.train")
+BATCH_FIELDS = ("query", "passage", "reasoning")
+# Dense bf16 peak per device, for the MFU estimate (device_kind substring -> TFLOP/s).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0,
+               "TPU v5e": 197.0, "TPU v4": 275.0, "TPU v6": 918.0}
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def model_config(config: ml_collections.ConfigDict) -> DecoderConfig:
+    m = config.model
+    if not m.hf_dir:
+        raise TrainingError("config.model.hf_dir is empty: name a local HF folder")
+    path = os.path.join(m.hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise TrainingError(f"no config.json in config.model.hf_dir={m.hf_dir}")
+    with open(path) as f:
+        hf = json.load(f)
+    if m.shrink:
+        s = dict(m.shrink)
+        hf = shrink_hf_config(hf, layers=s["layers"], hidden=s["hidden"], heads=s["heads"],
+                              kv_heads=s["kv_heads"], head_dim=s.get("head_dim"),
+                              intermediate=s.get("intermediate"))
+        if m.init == "hf":
+            raise TrainingError("config.model.shrink only makes sense with model.init='scratch'")
+    return DecoderConfig.from_hf(hf, param_dtype=m.param_dtype, dtype=m.dtype,
+                                 attention=m.attention, scan_layers=m.scan_layers,
+                                 remat_policy=m.remat_policy)
+
+
+def lora_config(config: ml_collections.ConfigDict) -> LoraConfig | None:
+    if not config.lora.enabled:
+        return None
+    return LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
+                      targets=tuple(config.lora.targets))
+
+
+def param_shardings(cfg: DecoderConfig, mesh: Mesh) -> dict[str, NamedSharding]:
+    return {path: named_sharding(mesh, spec.logical_axes, spec.shape)
+            for path, spec in param_specs(cfg).items()}
+
+
+def init_base_params(config: ml_collections.ConfigDict, cfg: DecoderConfig, mesh: Mesh,
+                     seed: int) -> dict[str, jax.Array]:
+    """Base weights: read from the HF folder into their shardings, or random (jit-initialised
+    directly in their shardings, never materialised whole on one device)."""
+    if config.model.init == "hf":
+        return hf_io.load_hf_params(config.model.hf_dir, cfg, mesh=mesh)
+    if config.model.init != "scratch":
+        raise TrainingError(f"config.model.init must be 'hf' or 'scratch', got "
+                            f"'{config.model.init}'")
+    specs = param_specs(cfg)
+
+    def init() -> dict[str, jax.Array]:
+        keys = jax.random.split(jax.random.key(seed), len(specs))
+        return {path: _init_value(spec, k, cfg) for k, (path, spec) in zip(keys, specs.items(),
+                                                                            strict=True)}
+
+    return jax.jit(init, out_shardings=param_shardings(cfg, mesh))()
+
+
+def init_adapters(cfg: DecoderConfig, lora: LoraConfig, mesh: Mesh, seed: int) -> dict:
+    shardings = {path: named_sharding(mesh, axes, shape)
+                 for path, (shape, axes) in lora_param_shapes(cfg, lora).items()}
+    return jax.jit(lambda: init_lora(cfg, lora, jax.random.key(seed + 1)),
+                   out_shardings=shardings)()
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def to_global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh, fields: tuple[str, ...]
+                    ) -> dict[str, jax.Array]:
+    """This host's rows -> global arrays sharded over (data, fsdp) rows."""
+    sharding = batch_sharding(mesh)
+    out = {}
+    for role in fields:
+        for suffix in ("input_ids", "attention_mask"):
+            key = f"{role}_{suffix}"
+            out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(host_batch[key]))
+    return out
+
+
+def count_params(tree: Any) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def step_flops(cfg: DecoderConfig, batch: Mapping[str, Any], *, grad_cache: bool,
+               uses_reasoning: bool) -> float:
+    """Model FLOPs of one step: 2 per parameter-token forward (+ attention), x3 with backward,
+    +1 forward for GradCache's first pass; reasoning queries run forward only."""
+    c = cfg
+    per_token = 2 * (c.num_layers * (c.hidden_size * c.head_dim * (c.num_heads + 2 * c.num_kv_heads)
+                                     + c.num_heads * c.head_dim * c.hidden_size
+                                     + 3 * c.hidden_size * c.intermediate_size))
+
+    def tokens(role: str) -> tuple[float, float]:
+        mask = batch[f"{role}_attention_mask"]
+        n, t = mask.shape
+        attn = 2 * 2 * c.num_layers * c.num_heads * c.head_dim * t * n * t  # QK^T and PV
+        return float(n * t * per_token + attn), float(n * t)
+
+    trained = sum(tokens(r)[0] for r in ("query", "passage"))
+    total = trained * (4 if grad_cache else 3)
+    if uses_reasoning:
+        total += tokens("reasoning")[0]
+    return total
+
+
+def peak_flops_per_device(config: ml_collections.ConfigDict) -> float | None:
+    if config.train.peak_tflops_per_device:
+        return float(config.train.peak_tflops_per_device) * 1e12
+    kind = jax.devices()[0].device_kind
+    for name, tflops in PEAK_TFLOPS.items():
+        if name.lower() in kind.lower():
+            return tflops * 1e12
+    return None
+
+
+def memory_report(compiled: Any) -> dict[str, float]:
+    """Per-device memory of a compiled step in GiB (arguments, outputs, temporaries, peak)."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return {}
+    gib = 2.0**30
+    args, out = m.argument_size_in_bytes / gib, m.output_size_in_bytes / gib
+    temp, alias = m.temp_size_in_bytes / gib, m.alias_size_in_bytes / gib
+    return {"arguments_gib": args, "outputs_gib": out, "temp_gib": temp, "alias_gib": alias,
+            "peak_gib": args + out + temp - alias}
+
+
+class MetricsWriter:
+    """metrics.jsonl + TensorBoard, written by process 0 only."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        self._file = None
+        self._tb = None
+        if self.enabled:
+            self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # pragma: no cover - tensorboardX is a dependency
+                log.warning("tensorboardX missing: TensorBoard logging off")
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _to_python(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, int | float) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+        if self._tb:
+            self._tb.close()
+
+
+def _to_python(v: Any) -> Any:
+    if isinstance(v, np.ndarray | jax.Array | np.generic):
+        v = np.asarray(v).item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+class NanGuard:
+    """Counts consecutive skipped (non-finite) steps and stops the run past a limit."""
+
+    def __init__(self, max_consecutive: int):
+        self.max_consecutive = max_consecutive
+        self.streak = 0
+
+    def update(self, step: int, skipped: bool, loss: float) -> None:
+        self.streak = self.streak + 1 if skipped else 0
+        if skipped:
+            log.warning("step %d: non-finite loss or gradient (loss=%s); update skipped "
+                        "(%d in a row)", step, loss, self.streak)
+        if self.streak >= self.max_consecutive:
+            raise TrainingError(
+                f"{self.streak} consecutive steps had a non-finite loss or gradient (last at step "
+                f"{step}); stopping. Lower the learning rate, check the data, or compute in "
+                "float32.")
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks after each step (save, then exit)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _Preemption:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        log.warning("SIGTERM received: saving a checkpoint after this step, then stopping")
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def any_process(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.array([self.requested]))
+        return bool(np.any(flags))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Builds everything from a config; ``run()`` trains, ``dry_run()`` only plans memory."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        self.config = config
+        self.workdir = os.path.abspath(workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        self.mesh = make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp,
+                              tensor=config.mesh.tensor)
+        self.model_cfg = model_config(config)
+        self.lora = lora_config(config)
+        self.step_cfg = StepConfig(
+            model=self.model_cfg, loss=config.loss.kind, temperature=config.loss.temperature,
+            kappa=config.loss.kappa, ri_warmup_steps=config.loss.ri_warmup_steps,
+            qwen3_margin=config.loss.qwen3_margin, pooling=config.model.pooling, lora=self.lora,
+            grad_cache=config.train.grad_cache,
+            chunk_rows_per_device=config.train.grad_cache_chunk, mesh=self.mesh,
+            rules=DEFAULT_RULES,
+        )
+        self.fields = BATCH_FIELDS if self.step_cfg.uses_reasoning else BATCH_FIELDS[:2]
+        if self.step_cfg.uses_reasoning and not config.data.use_reasoning_query:
+            raise TrainingError("loss.kind='ri_infonce' needs data.use_reasoning_query=True")
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _optimizer(self, num_steps: int) -> tuple[Any, Any]:
+        o = self.config.optim
+        schedule = make_schedule(o.learning_rate, num_steps, warmup_ratio=o.warmup_ratio,
+                                 decay=o.decay, end_ratio=o.end_ratio)
+        optimizer = make_optimizer(schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
+                                   eps=o.eps, clip_norm=o.clip_norm)
+        return schedule, optimizer
+
+    def _initial_state(self, optimizer: Any) -> tuple[dict, dict]:
+        seed = self.config.train.seed
+        base = init_base_params(self.config, self.model_cfg, self.mesh, seed)
+        if self.lora is not None:
+            trainable, frozen = init_adapters(self.model_cfg, self.lora, self.mesh, seed), base
+        else:
+            trainable, frozen = base, {}
+        state = {
+            "step": jnp.zeros((), jnp.int32),
+            "params": trainable,
+            "opt_state": jax.jit(optimizer.init)(trainable),
+            "rng": jax.random.key_data(jax.random.key(seed + 2)),
+        }
+        # Every leaf on the mesh (scalars replicated), so a restored state has the same layout.
+        shardings = jax.tree.map(lambda a: a.sharding, self._with_shardings(abstract_like(state)))
+        return jax.device_put(state, shardings), frozen
+
+    def merged_params(self, state: dict, frozen: dict) -> dict[str, jax.Array]:
+        if self.lora is None:
+            return dict(state["params"])
+        return jax.jit(lambda b, a: merge_lora(b, a, self.lora))(frozen, state["params"])
+
+    # -- planning ---------------------------------------------------------------------------
+
+    def _domain_shapes(self) -> list[tuple[str, int, int]]:
+        """(name, group size, per-device batch) of every configured domain (for dry runs)."""
+        d = self.config.data
+        out = [(name, int(v.get("group_size", d.group_size)), int(v.get("batch_size", d.batch_size)))
+               for name, v in d.domains.items()]
+        return out or [("default", int(d.group_size), int(d.batch_size))]
+
+    def abstract_batch(self, group: int, per_device: int) -> dict[str, jax.ShapeDtypeStruct]:
+        d = self.config.data
+        devices = self.mesh.size
+        sharding = batch_sharding(self.mesh)
+        b = per_device * devices
+        rows = {"query": (b, d.query_max_length), "passage": (b * group, d.passage_max_length),
+                "reasoning": (b, d.reasoning_max_length)}
+        return {f"{role}_{s}": jax.ShapeDtypeStruct(rows[role], jnp.int32, sharding=sharding)
+                for role in self.fields for s in ("input_ids", "attention_mask")}
+
+    def dry_run(self) -> dict[str, dict[str, float]]:
+        """Compiles the step for every domain's shape at max lengths, from shapes only (no
+        weights, no data), and prints the per-device memory plan."""
+        _, optimizer = self._optimizer(1000)
+        state, frozen = jax.eval_shape(lambda: self._initial_state_abstract(optimizer))
+        state = self._with_shardings(state)
+        frozen = self._with_shardings(frozen)
+        step_fn = jax.jit(make_train_step(self.step_cfg, optimizer, lambda s: 0.0),
+                          donate_argnums=(0,))
+        report = {}
+        n_train = count_params(state["params"])
+        n_all = n_train + count_params(frozen)
+        print(f"model {self.model_cfg.model_type}: {n_all / 1e6:,.1f}M parameters, "
+              f"{n_train / 1e6:,.1f}M trained; mesh {dict(self.mesh.shape)}; "
+              f"grad_cache={self.step_cfg.grad_cache}", flush=True)
+        by_shape: dict[tuple[int, int], dict[str, float]] = {}
+        for name, group, per_device in self._domain_shapes():
+            if (group, per_device) not in by_shape:
+                batch = self.abstract_batch(group, per_device)
+                by_shape[group, per_device] = memory_report(
+                    step_fn.lower(state, frozen, batch).compile())
+            report[name] = by_shape[group, per_device]
+            r = report[name]
+            print(f"  domain {name:<22} G={group:<3} batch/device={per_device:<3} "
+                  f"peak {r.get('peak_gib', float('nan')):7.2f} GiB/device (args "
+                  f"{r.get('arguments_gib', 0):.2f}, temp {r.get('temp_gib', 0):.2f})", flush=True)
+        return report
+
+    def _initial_state_abstract(self, optimizer: Any) -> tuple[dict, dict]:
+        specs = param_specs(self.model_cfg)
+        base = {p: jnp.zeros(s.shape, self.model_cfg.jnp_param_dtype) for p, s in specs.items()}
+        if self.lora is not None:
+            trainable = {p: jnp.zeros(shape, jnp.float32)
+                         for p, (shape, _) in lora_param_shapes(self.model_cfg, self.lora).items()}
+            frozen = base
+        else:
+            trainable, frozen = base, {}
+        state = {"step": jnp.zeros((), jnp.int32), "params": trainable,
+                 "opt_state": optimizer.init(trainable),
+                 "rng": jax.random.key_data(jax.random.key(0))}
+        return state, frozen
+
+    def _with_shardings(self, tree: Any) -> Any:
+        """Attaches parameter shardings to an abstract tree (by matching parameter paths)."""
+        axes = {p: s.logical_axes for p, s in param_specs(self.model_cfg).items()}
+        if self.lora is not None:
+            axes.update({p: a for p, (_, a) in lora_param_shapes(self.model_cfg, self.lora).items()})
+
+        def attach(path: Any, leaf: Any) -> Any:
+            names = [getattr(k, "key", None) for k in path]
+            name = next((n for n in reversed(names) if isinstance(n, str) and n in axes), None)
+            if name is not None and len(axes[name]) == len(leaf.shape):
+                sharding = named_sharding(self.mesh, axes[name], leaf.shape)
+            else:
+                sharding = NamedSharding(self.mesh, PartitionSpec())
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+        return jax.tree_util.tree_map_with_path(attach, tree)
+
+    # -- training ---------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        from reasonembed_jax.data import build_pipeline, iterator_state_to_bytes, restore_iterator_state
+
+        c = self.config
+        pipeline = build_pipeline(c.data)
+        num_steps = int(c.train.num_steps or pipeline.num_steps)
+        if num_steps < 1:
+            raise TrainingError("the run has no steps: too few records for one global batch?")
+        log.info("data: %s", pipeline.describe())
+        schedule, optimizer = self._optimizer(num_steps)
+        state, frozen = self._initial_state(optimizer)
+        iterator = pipeline.iterator()
+        checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                    every=c.train.checkpoint_every, keep=c.train.keep_checkpoints,
+                                    async_save=c.train.async_checkpoints)
+        restored = checkpointer.restore_latest(abstract_like(state))
+        if restored is not None:
+            start, state, data_state = restored
+            restore_iterator_state(iterator, data_state_from_json(data_state))
+            log.info("resumed from step %d in %s", start, checkpointer.directory)
+        start = int(jax.device_get(state["step"]))
+        step_fn = jax.jit(make_train_step(self.step_cfg, optimizer, schedule), donate_argnums=(0,))
+        writer = MetricsWriter(self.workdir)
+        peak = peak_flops_per_device(c)
+        n_trained = count_params(state["params"])
+        log.info("%s: %.1fM trained parameters of %.1fM; %d steps from step %d; mesh %s",
+                 self.model_cfg.model_type, n_trained / 1e6,
+                 (n_trained + count_params(frozen)) / 1e6, num_steps, start, dict(self.mesh.shape))
+
+        compiled_shapes: set[tuple] = set()
+        nan_guard = NanGuard(c.train.max_consecutive_nan)
+        pending: tuple[int, dict, float, dict] | None = None
+        last_time = time.perf_counter()
+        history = []
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_steps, initial=start, unit="step", file=sys.stderr,
+                   disable=not c.train.progress_bar or jax.process_index() != 0)
+
+        def finish_pending() -> None:
+            nonlocal pending
+            if pending is None:
+                return
+            step, metrics, seconds, info = pending
+            pending = None
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            m["tokens_per_sec"] = info["tokens"] / max(seconds, 1e-9)
+            m["step_seconds"] = seconds
+            if peak:
+                m["mfu"] = info["flops"] / max(seconds, 1e-9) / (peak * jax.device_count())
+            m["domain"] = info["domain"]
+            history.append({"step": step, **m})
+            if step % c.train.log_every == 0 or m["skipped"] or step == num_steps - 1:
+                writer.write(step, {**m, **pipeline.stats.as_metrics()})
+            bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.2f}")
+            nan_guard.update(step, bool(m["skipped"]), m["loss"])
+
+        with _Preemption() as preemption:
+            try:
+                for step in range(start, num_steps):
+                    host_batch = next(iterator)
+                    batch = to_global_batch(host_batch, self.mesh, self.fields)
+                    shape_key = tuple((k, v.shape) for k, v in sorted(batch.items()))
+                    if shape_key not in compiled_shapes:
+                        compiled = step_fn.lower(state, frozen, batch).compile()
+                        mem = memory_report(compiled)
+                        log.info("compiled step for shapes %s: %s",
+                                 {k: v for k, v in shape_key if k.endswith("input_ids")},
+                                 {k: round(v, 3) for k, v in mem.items()})
+                        compiled_shapes.add(shape_key)
+                    info = {
+                        "tokens": float(sum(np.asarray(host_batch[f"{r}_attention_mask"]).sum()
+                                            for r in self.fields)) * jax.process_count(),
+                        "flops": step_flops(self.model_cfg, host_batch, grad_cache=self.step_cfg.grad_cache,
+                                            uses_reasoning=self.step_cfg.uses_reasoning)
+                        * jax.process_count(),
+                        "domain": pipeline.domain_names[int(np.asarray(host_batch["domain_index"]))],
+                    }
+                    state, metrics = step_fn(state, frozen, batch)
+                    finish_pending()  # the previous step's metrics: keeps one step in flight
+                    now = time.perf_counter()
+                    pending = (step, metrics, now - last_time, info)
+                    last_time = now
+                    bar.update(1)
+                    data_state = data_state_to_json(iterator_state_to_bytes(iterator))
+                    checkpointer.save(step + 1, state, data_state)
+                    if c.eval.every and (step + 1) % c.eval.every == 0 and c.eval.data:
+                        writer.write(step + 1, self.evaluate(state, frozen))
+                    if preemption.any_process():
+                        finish_pending()
+                        checkpointer.save(step + 1, state, data_state, force=True)
+                        checkpointer.wait()
+                        log.warning("stopped at step %d after SIGTERM; the checkpoint is saved",
+                                    step + 1)
+                        return {"stopped_at": step + 1, "history": history}
+                finish_pending()
+                final_step = int(jax.device_get(state["step"]))
+                if final_step not in checkpointer.steps():
+                    checkpointer.save(final_step, state, data_state_to_json(
+                        iterator_state_to_bytes(iterator)), force=True)
+                checkpointer.wait()
+                result: dict[str, Any] = {"final_step": final_step, "history": history,
+                                          "state": state, "frozen": frozen}
+                if c.train.export_at_end:
+                    result["export"] = self.export(state, frozen, final_step)
+                return result
+            finally:
+                bar.close()
+                writer.close()
+                checkpointer.close()
+
+    # -- evaluation and export ----------------------------------------------------------------
+
+    def text_encoder(self, state: dict, frozen: dict) -> Any:
+        from reasonembed_jax.encode import TextEncoder
+        from reasonembed_jax.text import embedding_eos_token_id, load_tokenizer
+
+        model = hf_io.abstract_encoder(self.model_cfg, mesh=self.mesh)
+        hf_io.set_params(model, self.merged_params(state, frozen))
+        tokenizer = load_tokenizer(self.config.data.tokenizer)
+        append_eos = bool(self.config.data.append_eos)
+        eos = self.config.data.eos_token_id
+        if append_eos and eos is None:
+            eos = embedding_eos_token_id(tokenizer)
+        return TextEncoder(model, tokenizer, pooling=self.config.model.pooling,
+                           append_eos=append_eos, eos_token_id=eos,
+                           max_length=self.config.eval.max_length,
+                           batch_size=self.config.eval.batch_size, mesh=self.mesh)
+
+    def evaluate(self, state: dict, frozen: dict) -> dict[str, float]:
+        from reasonembed_jax.evaluation import evaluate_during_training
+
+        e = self.config.eval
+        return evaluate_during_training(self.text_encoder(state, frozen), e.data, top_k=e.top_k,
+                                        batch_size=e.batch_size, max_length=e.max_length,
+                                        split=e.split)
+
+    def export(self, state: dict, frozen: dict, step: int) -> str:
+        """HF + sentence-transformers folder at ``workdir/export/step_N``; ``export/latest``
+        points at it (the contract ``evaluate --workdir`` reads)."""
+        out = os.path.join(self.workdir, "export", f"step_{step}")
+        params = self.merged_params(state, frozen)
+        if jax.process_index() == 0:
+            from reasonembed_jax.text import load_tokenizer
+
+            tokenizer = load_tokenizer(self.config.data.tokenizer)
+            eos_token = None
+            if self.config.data.append_eos and self.config.data.eos_token_id is not None:
+                eos_token = tokenizer.convert_ids_to_tokens(int(self.config.data.eos_token_id))
+            hf_io.export_hf(params, self.model_cfg, out, tokenizer_dir=self.config.data.tokenizer,
+                            pooling=self.config.model.pooling,
+                            append_eos=bool(self.config.data.append_eos), eos_token=eos_token,
+                            max_length=self.config.export.max_length,
+                            query_instruction=self.config.export.query_instruction or None,
+                            dtype=self.config.export.dtype)
+            latest = os.path.join(self.workdir, "export", "latest")
+            tmp = latest + ".tmp"
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+            os.symlink(f"step_{step}", tmp)
+            os.replace(tmp, latest)
+            log.info("exported step %d to %s", step, out)
+        return out
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = False) -> dict:
+    """Trains (or with ``dry_run`` only compiles and prints the memory plan)."""
+    trainer = Trainer(config, workdir)
+    if dry_run:
+        return trainer.dry_run()
+    with open(os.path.join(trainer.workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    return trainer.run()

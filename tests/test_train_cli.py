@@ -1,0 +1,160 @@
+"""The train CLI end to end: configs, overrides, dry run, SIGKILL + resume equals an
+uninterrupted run, and the first-step loss against sentence-transformers' MNRL."""
+
+import gzip
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from reasonembed_jax.text import format_query
+from reasonembed_jax.training.trainer import Trainer
+from train_configs import ROOT, load_config_file, tiny_train_config
+
+TESTS = pathlib.Path(__file__).resolve().parent
+
+
+def _env(devices):
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+
+
+def _train_cmd(config, workdir, *extra):
+    return [sys.executable, "-m", "reasonembed_jax.train", f"--config={config}",
+            f"--workdir={workdir}", *extra]
+
+
+@pytest.mark.parametrize("name,arg", [("demo", None), ("demo", "lora"), ("demo", "gradcache"),
+                                      ("reasonembed_qwen3_8b", None),
+                                      ("reasonembed_qwen3_8b", "full,gradcache,infonce,fsdp"),
+                                      ("reasonembed_qwen3_4b", None),
+                                      ("reasonembed_llama31_8b", None)])
+def test_every_shipped_config_builds(name, arg, tmp_path):
+    c = load_config_file(name, arg)
+    trainer = Trainer(c, str(tmp_path))  # mesh, model, LoRA and step settings all validate
+    assert trainer.step_cfg.temperature == 0.02
+    if name.startswith("reasonembed"):
+        assert c.lora.rank == 32 and c.lora.alpha == 64 and c.optim.learning_rate == 1e-4
+        assert c.data.domains.leetcode.to_dict() == {"group_size": 2, "batch_size": 64}
+        assert c.data.domains.pony.to_dict() == {"group_size": 64, "batch_size": 2}
+
+
+def test_configs_folder_is_fully_covered():
+    shipped = {p.stem for p in (ROOT / "configs").glob("*.py")}
+    assert shipped == {"demo", "reasonembed_qwen3_8b", "reasonembed_qwen3_4b",
+                       "reasonembed_llama31_8b"}
+
+
+def test_unknown_override_is_an_error_naming_the_key(tmp_path):
+    proc = subprocess.run(_train_cmd("configs/demo.py", tmp_path, "--config.optim.learnin_rate=1"),
+                          capture_output=True, text=True, cwd=ROOT, env=_env(1), timeout=300)
+    assert proc.returncode != 0
+    assert "learnin_rate" in proc.stderr
+
+
+def test_dry_run_prints_memory_plan_without_weights():
+    proc = subprocess.run(
+        [sys.executable, "-m", "reasonembed_jax.train", "--config=configs/reasonembed_qwen3_8b.py",
+         "--dry_run", "--config.model.hf_dir=" + str(ROOT.parent / "shared/data/hf_configs/Qwen3-0.6B"),
+         "--config.data.query_max_length=32", "--config.data.passage_max_length=32",
+         "--config.data.reasoning_max_length=32"],
+        capture_output=True, text=True, cwd=ROOT, env=_env(2), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "domain leetcode" in proc.stdout and "GiB/device" in proc.stdout
+
+
+CONFIG_TEMPLATE = """
+import sys
+sys.path.insert(0, {tests!r})
+from train_configs import tiny_train_config
+
+def get_config(arg=None):
+    c = tiny_train_config(steps=12, devices=2, domains=("biology", "economics"))
+    c.train.checkpoint_every = 3
+    c.train.keep_checkpoints = 2
+    c.train.export_at_end = True
+    c.export.dtype = "float32"
+    return c
+"""
+
+
+def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path):
+    config = tmp_path / "resume_config.py"
+    config.write_text(CONFIG_TEMPLATE.format(tests=str(TESTS)))
+    full = subprocess.run(_train_cmd(config, tmp_path / "full"), capture_output=True, text=True,
+                          cwd=ROOT, env=_env(2), timeout=900)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    work = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(config, work), cwd=ROOT, env=_env(2),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    ckpts = work / "checkpoints"
+    while time.time() < deadline:
+        if (ckpts / "6").is_dir() or proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (work / "export").exists()
+    resumed = subprocess.run(_train_cmd(config, work), capture_output=True, text=True, cwd=ROOT,
+                             env=_env(2), timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step" in resumed.stderr
+    a = load_file(tmp_path / "full" / "export" / "latest" / "model.safetensors")
+    b = load_file(work / "export" / "latest" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    metrics = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 11
+
+
+def test_first_step_loss_equals_sentence_transformers_mnrl(tmp_path, shared_data):
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    from reasonembed_jax.tiny_model import write_tiny_model
+
+    model_dir = tmp_path / "tiny"
+    write_tiny_model(str(shared_data / "hf_configs" / "Qwen3-0.6B"), str(model_dir),
+                     tokenizer_dir=str(shared_data / "qwen3_tokenizer"), append_eos=True, seed=3)
+    with gzip.open(shared_data / "bright" / "examples" / "biology.jsonl.gz", "rt") as f:
+        rows = [json.loads(line) for line in f][:16]
+    prompt = "Given a Biology post, retrieve relevant passages that help answer the post."
+    records = []
+    for i in range(4):
+        negs = [rows[4 + 3 * i + k]["gold_answer"][:300] for k in range(3)]
+        records.append({"prompt": prompt, "query": rows[i]["query"][:300],
+                        "pos": [rows[i]["gold_answer"][:300]], "neg": negs})
+    data = tmp_path / "bio.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    c = tiny_train_config(steps=1, devices=1)
+    c.model.init, c.model.hf_dir, c.model.shrink = "hf", str(model_dir), {}
+    c.loss.kind = "infonce"
+    c.data.sources = (str(data),)
+    c.data.use_reasoning_query = False
+    c.data.batch_size, c.data.group_size = 4, 4
+    c.data.pad_to_max_length = False
+    c.data.query_max_length = c.data.passage_max_length = 512
+    c.mesh.data = 1
+    ours = Trainer(c, str(tmp_path / "run")).run()["history"][0]["loss"]
+
+    st = SentenceTransformer(str(model_dir), device="cpu")
+    loss_fn = MultipleNegativesRankingLoss(st, scale=1 / 0.02)
+    columns = [[format_query(r["query"], prompt) for r in records], [r["pos"][0] for r in records]]
+    columns += [[r["neg"][k] for r in records] for k in range(3)]
+    features = [st.tokenize(col) for col in columns]
+    with torch.no_grad():
+        theirs = float(loss_fn(features, labels=None))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)

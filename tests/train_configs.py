@@ -1,0 +1,39 @@
+"""Small training configs for tests, derived from the shipped demo config."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config_file(name: str, arg: str | None = None):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def tiny_train_config(*, steps: int = 5, devices: int = 8, domains: tuple[str, ...] = ("biology",),
+                      arg: str | None = None):
+    """Demo model on one or two demo domains, fixed lengths (one compiled shape per domain)."""
+    c = load_config_file("demo", arg)
+    sources = [s for s in c.data.sources]
+    folder = pathlib.Path(sources[0]).parent
+    c.data.sources = tuple(str(folder / f"{d}.jsonl.gz") for d in domains)
+    c.data.num_devices = devices
+    c.data.group_size = 4
+    c.data.batch_size = 1
+    c.data.domains = {}
+    c.data.query_max_length = 32
+    c.data.passage_max_length = 48
+    c.data.reasoning_max_length = 32
+    c.data.pad_to_max_length = True
+    c.train.num_steps = steps
+    c.train.checkpoint_every = 1000
+    c.train.export_at_end = False
+    c.train.progress_bar = False
+    c.loss.ri_warmup_steps = 2
+    c.optim.learning_rate = 1e-3
+    return c
