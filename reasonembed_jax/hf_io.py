@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from reasonembed_jax.distributed import is_primary, to_host
 from reasonembed_jax.model.config import DecoderConfig
 from reasonembed_jax.model.decoder import DecoderEncoder
 from reasonembed_jax.model.params import param_specs
@@ -165,7 +166,9 @@ def write_hf_weights(
 ) -> list[str]:
     """Writes the parameters as HF base-model safetensors (sharded above ``max_shard_bytes``).
 
-    Stacked parameters are fetched to the host one layer at a time. Returns the file names.
+    Stacked parameters are fetched to the host one layer at a time. With several processes
+    every process must call this (the fetches are collectives); only process 0 writes. Returns
+    the file names.
     """
     out_dir = os.fspath(out_dir)
     dtype = dtype or _source_dtype(config)
@@ -182,10 +185,10 @@ def write_hf_weights(
             value = params[path]
             if spec.stacked:
                 for i in range(config.num_layers):
-                    layer = np.asarray(jax.device_get(value[i])).astype(np_dtype)
+                    layer = to_host(value[i]).astype(np_dtype)
                     yield spec.hf_name.format(layer=i), spec.to_hf(layer)
             else:
-                yield spec.hf_name, spec.to_hf(np.asarray(jax.device_get(value)).astype(np_dtype))
+                yield spec.hf_name, spec.to_hf(to_host(value).astype(np_dtype))
 
     shards: list[dict[str, np.ndarray]] = [{}]
     sizes = [0]
@@ -205,12 +208,17 @@ def write_hf_weights(
             shards.append({})
             sizes.append(0)
 
+    writer = is_primary()
     for name, array in tensors():
+        if not writer:  # every process joins the gathers; only the first one writes
+            continue
         if sizes[-1] and sizes[-1] + array.nbytes > max_shard_bytes:
             flush(last=False)
         shards[-1][name] = np.ascontiguousarray(array)
         sizes[-1] += array.nbytes
         total += array.nbytes
+    if not writer:
+        return []
     flush(last=True)
     # Name the shards the way transformers does, now that their number is known.
     final = []
@@ -270,9 +278,12 @@ def export_hf(
     the pooling settings ``TextEncoder`` reads back. Pass LoRA-merged ``params``.
     """
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    if is_primary():
+        os.makedirs(out_dir, exist_ok=True)
     dtype = dtype or _source_dtype(config)
     write_hf_weights(params, config, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    if not is_primary():
+        return out_dir
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config.to_hf(torch_dtype=dtype), f, indent=2, sort_keys=True)
 

@@ -136,8 +136,9 @@ def with_dropout_keys(params: Mapping[str, Array], key: Array, num_layers: int) 
 def merge_lora(
     base: Mapping[str, Array], adapters: Mapping[str, Array], lora: LoraConfig
 ) -> dict[str, Array]:
-    """Base parameters with ``(alpha/r) * A B`` added to every adapted kernel (float32 sum, cast
-    back to the base dtype)."""
+    """Base parameters with ``(alpha/r) * A B`` added to every adapted kernel. Adapted kernels
+    come back in float32 (at least): rounding the sum to a bf16 base would drop much of the
+    small update."""
     merged = dict(base)
     for name in lora.targets:
         path = LAYER_PREFIX + name
@@ -145,7 +146,8 @@ def merge_lora(
         a, b = adapters[f"{path}.lora_a"], adapters[f"{path}.lora_b"]
         delta = jnp.einsum(f"l{contracted}r,lr{produced}->l{kernel}", a.astype(jnp.float32),
                            b.astype(jnp.float32))
-        merged[path] = (base[path].astype(jnp.float32) + lora.scale * delta).astype(base[path].dtype)
+        dtype = jnp.promote_types(base[path].dtype, jnp.float32)
+        merged[path] = (base[path].astype(jnp.float32) + lora.scale * delta).astype(dtype)
     return merged
 
 

@@ -27,6 +27,11 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, exports.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False,
                              "Compile the step and print the per-device memory plan; no training.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for multi-process runs (not needed on "
+    "Cloud TPU pods or under SLURM, where it is detected).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -37,6 +42,9 @@ def main(argv: Sequence[str]) -> None:
                         stream=sys.stderr, force=True)
     for noisy in ("absl", "orbax", "jax._src", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from reasonembed_jax.distributed import initialize
+
+    initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from reasonembed_jax.training.trainer import TrainingError, train
 
     if not _DRY_RUN.value and not _WORKDIR.value:
@@ -46,7 +54,7 @@ def main(argv: Sequence[str]) -> None:
     except TrainingError as err:
         logging.error("%s", err)
         sys.exit(2)
-    if not _DRY_RUN.value:
+    if not _DRY_RUN.value and result is not None:
         summary = {k: v for k, v in result.items() if k not in ("history", "state", "frozen")}
         if result.get("history"):
             summary["last"] = result["history"][-1]

@@ -4,7 +4,6 @@ uninterrupted run, and the first-step loss against sentence-transformers' MNRL."
 import gzip
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -17,9 +16,7 @@ from safetensors.numpy import load_file
 
 from reasonembed_jax.text import format_query
 from reasonembed_jax.training.trainer import Trainer
-from train_configs import ROOT, load_config_file, tiny_train_config
-
-TESTS = pathlib.Path(__file__).resolve().parent
+from train_configs import ROOT, load_config_file, tiny_train_config, write_config_file
 
 
 def _env(devices):
@@ -71,24 +68,9 @@ def test_dry_run_prints_memory_plan_without_weights():
     assert "domain leetcode" in proc.stdout and "GiB/device" in proc.stdout
 
 
-CONFIG_TEMPLATE = """
-import sys
-sys.path.insert(0, {tests!r})
-from train_configs import tiny_train_config
-
-def get_config(arg=None):
-    c = tiny_train_config(steps=12, devices=2, domains=("biology", "economics"))
-    c.train.checkpoint_every = 3
-    c.train.keep_checkpoints = 2
-    c.train.export_at_end = True
-    c.export.dtype = "float32"
-    return c
-"""
-
-
 def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path):
-    config = tmp_path / "resume_config.py"
-    config.write_text(CONFIG_TEMPLATE.format(tests=str(TESTS)))
+    config = write_config_file(tmp_path / "resume_config.py", steps=12, devices=2,
+                               checkpoint_every=3, keep_checkpoints=2)
     full = subprocess.run(_train_cmd(config, tmp_path / "full"), capture_output=True, text=True,
                           cwd=ROOT, env=_env(2), timeout=900)
     assert full.returncode == 0, full.stderr[-3000:]
@@ -148,7 +130,13 @@ def test_first_step_loss_equals_sentence_transformers_mnrl(tmp_path, shared_data
     c.data.pad_to_max_length = False
     c.data.query_max_length = c.data.passage_max_length = 512
     c.mesh.data = 1
+    # The evaluation hook runs on the same path as the evaluate CLI and logs its metrics.
+    c.eval.every = 1
+    c.eval.data = f"bright:{ROOT / 'tests' / 'data' / 'eval_bright_mini'}:biology"
+    c.eval.max_length, c.eval.top_k = 64, 10
     ours = Trainer(c, str(tmp_path / "run")).run()["history"][0]["loss"]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(0.0 <= row.get("eval/average/ndcg@10", -1) <= 1.0 for row in logged)
 
     st = SentenceTransformer(str(model_dir), device="cpu")
     loss_fn = MultipleNegativesRankingLoss(st, scale=1 / 0.02)

@@ -151,3 +151,30 @@ def test_damaged_latest_checkpoint_falls_back_with_warning(tmp_path, caplog):
     assert step == 1 and data == {"grain": {"n": 1}}
     np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(state["w"]))
     assert "checkpoint at step 2" in caplog.text and "falling back" in caplog.text
+
+
+def test_lora_training_keeps_base_and_exports_merged(tmp_path):
+    """LoRA on 8 devices: the base weights stay bit-identical, the adapters move, and the
+    exported (merged) model computes what base + adapters compute."""
+    from reasonembed_jax import hf_io
+    from reasonembed_jax.lora import lora_project
+    from reasonembed_jax.model.decoder import forward
+
+    c = tiny_train_config(steps=3, devices=8, arg="lora")
+    c.lora.dropout = 0.0
+    c.train.export_at_end = True
+    c.export.dtype = "float32"
+    trainer = Trainer(c, str(tmp_path / "lora"))
+    before = jax.tree.map(np.asarray, trainer._initial_state(make_optimizer(1e-3))[1])
+    result = trainer.run()
+    frozen, adapters = result["frozen"], result["state"]["params"]
+    assert set(adapters) and all(".lora_" in k for k in adapters)
+    for name, value in frozen.items():
+        np.testing.assert_array_equal(np.asarray(value), before[name], err_msg=name)
+    assert any(float(jnp.abs(v).max()) > 0 for k, v in adapters.items() if k.endswith("lora_b"))
+    ids = np.arange(1, 25, dtype=np.int32).reshape(2, 12) * 97
+    mask = np.ones_like(ids)
+    adapted = forward(trainer.model_cfg, {**frozen, **adapters}, ids, mask,
+                      project=lora_project(trainer.lora, train=False))
+    exported = hf_io.load_encoder(result["export"], dtype=trainer.model_cfg.dtype)
+    np.testing.assert_allclose(np.asarray(exported(ids, mask)), np.asarray(adapted), atol=2e-4)

@@ -37,3 +37,27 @@ def tiny_train_config(*, steps: int = 5, devices: int = 8, domains: tuple[str, .
     c.loss.ri_warmup_steps = 2
     c.optim.learning_rate = 1e-3
     return c
+
+
+CONFIG_FILE = """
+import sys
+sys.path.insert(0, {tests!r})
+from train_configs import tiny_train_config
+
+def get_config(arg=None):
+    c = tiny_train_config(steps={steps}, devices={devices}, domains={domains!r})
+    for key, value in {train!r}.items():
+        c.train[key] = value
+    c.train.export_at_end = True
+    c.export.dtype = "float32"
+    return c
+"""
+
+
+def write_config_file(path: pathlib.Path, *, steps: int, devices: int,
+                      domains: tuple[str, ...] = ("biology", "economics"), **train) -> pathlib.Path:
+    """A config file (for the CLI in a subprocess) holding ``tiny_train_config`` with ``train``
+    overrides and an float32 export at the end."""
+    path.write_text(CONFIG_FILE.format(tests=str(pathlib.Path(__file__).parent), steps=steps,
+                                       devices=devices, domains=domains, train=train))
+    return path

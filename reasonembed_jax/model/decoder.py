@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 
 from reasonembed_jax.model.config import DecoderConfig
 from reasonembed_jax.model.params import LAYER_PREFIX, ParamSpec, param_specs
+from reasonembed_jax.model.pooling import last_token_index
 from reasonembed_jax.model.sharding import DEFAULT_RULES, Rules, constrain
 
 Array = jax.Array
@@ -103,16 +104,31 @@ def decoder_layer(
     mesh: Mesh | None = None,
     rules: Rules = DEFAULT_RULES,
     project: ProjectFn = default_project,
+    query_index: Array | None = None,
 ) -> Array:
-    """One pre-norm decoder block on ``x [B, T, hidden]`` with one layer's parameters."""
+    """One pre-norm decoder block on ``x [B, T, hidden]`` with one layer's parameters.
+
+    With ``query_index [B]`` only that position of each row is computed (its query, attention
+    over all keys, output projection and MLP): keys and values still cover every position, so the
+    result equals row ``query_index`` of the full block, at ~1/T of the query-side cost. Returns
+    ``[B, 1, hidden]`` then.
+    """
     c = config
     p = {k: v.astype(c.jnp_dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v
          for k, v in params.items()}
-    b, t, _ = x.shape
+    b, _, _ = x.shape
     heads, kv_heads, d = c.num_heads, c.num_kv_heads, c.head_dim
 
     h = rms_norm(x, p["input_norm"], c.rms_norm_eps)
-    q = checkpoint_name(project("q_proj", h, p, "bth,hnd->btnd"), "query_proj")
+    h_q, cos_q, sin_q = h, cos, sin
+    if query_index is not None:
+        take = lambda a: jnp.take_along_axis(  # noqa: E731
+            a, query_index.reshape((b, 1) + (1,) * (a.ndim - 2)), axis=1)
+        x, h_q, cos_q, sin_q = take(x), take(h), take(cos), take(sin)
+        if mask.shape[3] > 1:  # causal [B, 1, 1, T, T]; bidirectional masks have one row
+            mask = jnp.take_along_axis(mask, query_index[:, None, None, None, None], axis=3)
+    t = x.shape[1]
+    q = checkpoint_name(project("q_proj", h_q, p, "bth,hnd->btnd"), "query_proj")
     k = checkpoint_name(project("k_proj", h, p, "bth,hnd->btnd"), "key_proj")
     v = checkpoint_name(project("v_proj", h, p, "bth,hnd->btnd"), "value_proj")
     if c.attention_bias:
@@ -120,7 +136,7 @@ def decoder_layer(
     if c.qk_norm:
         q = rms_norm(q, p["q_norm"], c.rms_norm_eps)
         k = rms_norm(k, p["k_norm"], c.rms_norm_eps)
-    q = constrain(apply_rotary(q, cos, sin),
+    q = constrain(apply_rotary(q, cos_q, sin_q),
                   ("activation_batch", "activation_length", "activation_heads", None), mesh, rules)
     k = constrain(apply_rotary(k, cos, sin),
                   ("activation_batch", "activation_length", "activation_kv_heads", None), mesh,
@@ -189,12 +205,18 @@ def forward(
     mesh: Mesh | None = None,
     rules: Rules = DEFAULT_RULES,
     project: ProjectFn = default_project,
+    last_token_only: bool = False,
 ) -> Array:
     """Final hidden states ``[B, T, hidden]`` (after the final norm) as a pure function of the
     flat parameter dict ``{"embed_tokens", "norm", "layers.<name>": [L, ...]}``.
 
     Extra ``layers.*`` entries (LoRA factors, per-layer dropout keys) are passed through to
     ``project`` inside each layer, sliced to that layer.
+
+    ``last_token_only=True`` returns ``[B, hidden]``: the final hidden state of each row's last
+    real token only (what last-token pooling reads). Nothing after the last layer's keys and
+    values depends on other positions, so the last layer runs its query side for that one
+    position (``decoder_layer(query_index=...)``), saving ~1/L of the forward and backward.
     """
     c = config
     attention_mask = attention_mask.astype(jnp.int32)
@@ -208,13 +230,23 @@ def forward(
     def layer_fn(h: Array, p: dict[str, Array]) -> Array:
         return decoder_layer(h, p, cos, sin, mask, c, mesh, rules, project)
 
+    def last_layer_fn(h: Array, p: dict[str, Array], index: Array) -> Array:
+        return decoder_layer(h, p, cos, sin, mask, c, mesh, rules, project, query_index=index)
+
     if c.remat_policy != "none":
         layer_fn = jax.checkpoint(layer_fn, policy=remat_policy(c.remat_policy))
-    if c.scan_layers:
-        x, _ = jax.lax.scan(lambda h, p: (layer_fn(h, p), None), x, stacked)
-    else:
-        for i in range(c.num_layers):
+        last_layer_fn = jax.checkpoint(last_layer_fn, policy=remat_policy(c.remat_policy))
+    full_layers = c.num_layers - 1 if last_token_only else c.num_layers
+    if c.scan_layers and full_layers > 0:
+        body = stacked if full_layers == c.num_layers else jax.tree.map(
+            lambda a: a[:full_layers], stacked)
+        x, _ = jax.lax.scan(lambda h, p: (layer_fn(h, p), None), x, body)
+    elif not c.scan_layers:
+        for i in range(full_layers):
             x = layer_fn(x, jax.tree.map(lambda a, i=i: a[i], stacked))
+    if last_token_only:
+        index = last_token_index(attention_mask)
+        x = last_layer_fn(x, jax.tree.map(lambda a: a[full_layers], stacked), index)[:, 0]
     return rms_norm(x, params["norm"], c.rms_norm_eps)
 
 
@@ -265,7 +297,9 @@ class DecoderEncoder(nnx.Module):
         attention_mask: Array,
         *,
         project: ProjectFn = default_project,
+        last_token_only: bool = False,
     ) -> Array:
-        """Final hidden states ``[B, T, hidden]`` for ``input_ids``/``attention_mask [B, T]``."""
+        """Final hidden states ``[B, T, hidden]`` for ``input_ids``/``attention_mask [B, T]``
+        (``[B, hidden]`` at each row's last real token with ``last_token_only``)."""
         return forward(self.config, self.params(), input_ids, attention_mask, mesh=self.mesh,
-                       rules=self.rules, project=project)
+                       rules=self.rules, project=project, last_token_only=last_token_only)

@@ -40,6 +40,18 @@ def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
+def finish_pooled(pooled: Array, *, normalize: bool = True, dim: int | None = None) -> Array:
+    """float32, then Matryoshka truncation to the first ``dim`` features, then L2 normalisation
+    if ``normalize`` (the tail of ``pool``, for vectors pooled elsewhere, e.g. by
+    ``forward(..., last_token_only=True)``)."""
+    out = pooled.astype(jnp.float32)
+    if dim is not None:
+        if not 0 < dim <= out.shape[-1]:
+            raise ValueError(f"Matryoshka dim must be in [1, {out.shape[-1]}], got {dim}")
+        out = out[..., :dim]
+    return l2_normalize(out) if normalize else out
+
+
 def pool(
     hidden: Array,
     attention_mask: Array,
@@ -58,9 +70,4 @@ def pool(
         out = first_token_pool(hidden, attention_mask)
     else:
         raise ValueError(f"unknown pooling mode '{mode}'; choose one of {POOLING_MODES}")
-    out = out.astype(jnp.float32)
-    if dim is not None:
-        if not 0 < dim <= out.shape[-1]:
-            raise ValueError(f"Matryoshka dim must be in [1, {out.shape[-1]}], got {dim}")
-        out = out[..., :dim]
-    return l2_normalize(out) if normalize else out
+    return finish_pooled(out, normalize=normalize, dim=dim)

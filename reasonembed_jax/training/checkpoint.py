@@ -38,6 +38,8 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: dict[str, Any], *, force: bool = False) -> bool:
         """Saves if ``step`` is on the interval (or ``force``); returns whether it saved."""
+        if not force and (self.every <= 0 or step % self.every):
+            return False  # (Orbax on its own would also save the very first step it sees)
         return self.manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state),

@@ -25,6 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
     # head_dim, intermediate. Empty: the config as is.
     c.model.shrink = ml_collections.ConfigDict()
     c.model.param_dtype = "float32"  # master weights
+    c.model.frozen_dtype = "bfloat16"  # the base weights under LoRA (never updated)
     c.model.dtype = "bfloat16"  # compute
     c.model.attention = "causal"
     c.model.scan_layers = True
@@ -78,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0  # steps; 0: never during training
     c.eval.data = ""  # e.g. "beir:../shared/data/beir_scifact"
-    c.eval.split = "test"
+    c.eval.split = ""  # "": BEIR test qrels / BRIGHT examples
     c.eval.top_k = 100
     c.eval.max_length = 512
     c.eval.batch_size = 32

@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reasonembed_jax import hf_io
+from reasonembed_jax.distributed import to_host
 from reasonembed_jax.lora import LoraConfig, init_lora, lora_param_shapes, merge_lora
 from reasonembed_jax.model.config import DecoderConfig
 from reasonembed_jax.model.decoder import _init_value
@@ -292,6 +293,9 @@ class Trainer:
                               tensor=config.mesh.tensor)
         self.model_cfg = model_config(config)
         self.lora = lora_config(config)
+        # Under LoRA the base weights are constants: keep them in the (smaller) frozen dtype.
+        self.base_cfg = (self.model_cfg.replace(param_dtype=config.model.frozen_dtype)
+                         if self.lora is not None else self.model_cfg)
         self.step_cfg = StepConfig(
             model=self.model_cfg, loss=config.loss.kind, temperature=config.loss.temperature,
             kappa=config.loss.kappa, ri_warmup_steps=config.loss.ri_warmup_steps,
@@ -316,7 +320,7 @@ class Trainer:
 
     def _initial_state(self, optimizer: Any) -> tuple[dict, dict]:
         seed = self.config.train.seed
-        base = init_base_params(self.config, self.model_cfg, self.mesh, seed)
+        base = init_base_params(self.config, self.base_cfg, self.mesh, seed)
         if self.lora is not None:
             trainable, frozen = init_adapters(self.model_cfg, self.lora, self.mesh, seed), base
         else:
@@ -384,8 +388,8 @@ class Trainer:
         return report
 
     def _initial_state_abstract(self, optimizer: Any) -> tuple[dict, dict]:
-        specs = param_specs(self.model_cfg)
-        base = {p: jnp.zeros(s.shape, self.model_cfg.jnp_param_dtype) for p, s in specs.items()}
+        specs = param_specs(self.base_cfg)
+        base = {p: jnp.zeros(s.shape, self.base_cfg.jnp_param_dtype) for p, s in specs.items()}
         if self.lora is not None:
             trainable = {p: jnp.zeros(shape, jnp.float32)
                          for p, (shape, _) in lora_param_shapes(self.model_cfg, self.lora).items()}
@@ -436,7 +440,7 @@ class Trainer:
             start, state, data_state = restored
             restore_iterator_state(iterator, data_state_from_json(data_state))
             log.info("resumed from step %d in %s", start, checkpointer.directory)
-        start = int(jax.device_get(state["step"]))
+        start = int(to_host(state["step"]))
         step_fn = jax.jit(make_train_step(self.step_cfg, optimizer, schedule), donate_argnums=(0,))
         writer = MetricsWriter(self.workdir)
         peak = peak_flops_per_device(c)
@@ -461,7 +465,7 @@ class Trainer:
                 return
             step, metrics, seconds, info = pending
             pending = None
-            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            m = {k: float(to_host(v)) for k, v in metrics.items()}
             m["tokens_per_sec"] = info["tokens"] / max(seconds, 1e-9)
             m["step_seconds"] = seconds
             if peak:
@@ -512,7 +516,7 @@ class Trainer:
                                     step + 1)
                         return {"stopped_at": step + 1, "history": history}
                 finish_pending()
-                final_step = int(jax.device_get(state["step"]))
+                final_step = int(to_host(state["step"]))
                 if final_step not in checkpointer.steps():
                     checkpointer.save(final_step, state, data_state_to_json(
                         iterator_state_to_bytes(iterator)), force=True)
@@ -551,26 +555,27 @@ class Trainer:
         e = self.config.eval
         return evaluate_during_training(self.text_encoder(state, frozen), e.data, top_k=e.top_k,
                                         batch_size=e.batch_size, max_length=e.max_length,
-                                        split=e.split)
+                                        split=e.split or None)
 
     def export(self, state: dict, frozen: dict, step: int) -> str:
         """HF + sentence-transformers folder at ``workdir/export/step_N``; ``export/latest``
         points at it (the contract ``evaluate --workdir`` reads)."""
+        from reasonembed_jax.text import load_tokenizer
+
         out = os.path.join(self.workdir, "export", f"step_{step}")
         params = self.merged_params(state, frozen)
-        if jax.process_index() == 0:
-            from reasonembed_jax.text import load_tokenizer
-
+        eos_token = None
+        if self.config.data.append_eos and self.config.data.eos_token_id is not None:
             tokenizer = load_tokenizer(self.config.data.tokenizer)
-            eos_token = None
-            if self.config.data.append_eos and self.config.data.eos_token_id is not None:
-                eos_token = tokenizer.convert_ids_to_tokens(int(self.config.data.eos_token_id))
-            hf_io.export_hf(params, self.model_cfg, out, tokenizer_dir=self.config.data.tokenizer,
-                            pooling=self.config.model.pooling,
-                            append_eos=bool(self.config.data.append_eos), eos_token=eos_token,
-                            max_length=self.config.export.max_length,
-                            query_instruction=self.config.export.query_instruction or None,
-                            dtype=self.config.export.dtype)
+            eos_token = tokenizer.convert_ids_to_tokens(int(self.config.data.eos_token_id))
+        # Every process joins the parameter gathers; process 0 writes.
+        hf_io.export_hf(params, self.model_cfg, out, tokenizer_dir=self.config.data.tokenizer,
+                        pooling=self.config.model.pooling,
+                        append_eos=bool(self.config.data.append_eos), eos_token=eos_token,
+                        max_length=self.config.export.max_length,
+                        query_instruction=self.config.export.query_instruction or None,
+                        dtype=self.config.export.dtype)
+        if jax.process_index() == 0:
             latest = os.path.join(self.workdir, "export", "latest")
             tmp = latest + ".tmp"
             if os.path.lexists(tmp):
