@@ -1,4 +1,4 @@
-"""Demo: a tiny random Qwen3 trained on the shipped BRIGHT-derived records, on CPU in about a minute.
+"""Demo: a tiny random Qwen3 trained on the shipped BRIGHT-derived records, on CPU in 1-2 minutes.
 
     python -m reasonembed_jax.train --config configs/demo.py --workdir runs/demo
 
@@ -29,9 +29,9 @@ def get_config(arg: str | None = None):
     c.loss.ri_warmup_steps = 10
     c.optim.learning_rate = 3e-3
     c.optim.warmup_ratio = 0.1
-    c.train.num_steps = 60
-    c.train.log_every = 5
-    c.train.checkpoint_every = 20
+    c.train.num_steps = None  # 4 epochs of the demo records (about 180 steps)
+    c.train.log_every = 10
+    c.train.checkpoint_every = 50
     c.train.grad_cache = arg == "gradcache"
     c.train.grad_cache_chunk = 1
     c.export.query_instruction = "Given a post, retrieve relevant passages that help answer the post."
@@ -39,6 +39,11 @@ def get_config(arg: str | None = None):
     c.export.dtype = "float32"
     c.data = demo_data_config(os.path.join(SHARED, "qwen3_tokenizer"))
     c.data.num_devices = 1
+    c.data.num_epochs = 4.0
+    # Per-domain shapes, about 32 passages per step: (G, batch) = (4, 8) by default.
+    c.data.group_size, c.data.batch_size = 4, 8
+    c.data.domains = {"robotics": {"group_size": 8, "batch_size": 4},
+                      "stackoverflow": {"group_size": 2, "batch_size": 16}}
     # Fixed widths: one compiled step per (G, batch) shape, three in all.
     c.data.pad_to_max_length = True
     c.data.query_max_length = 64

@@ -41,39 +41,66 @@ def positive_columns(batch: int, group_size: int) -> Array:
     return jnp.arange(batch) * group_size
 
 
-def per_query_infonce(q: Array, p: Array, *, group_size: int, temperature: float = 0.02) -> Array:
-    """``L_i = logsumexp_j s_ij - s_{i, iG}`` over all B*G passages -> ``[B]``."""
+def duplicate_positive_mask(passage_keys: Array | None, batch: int, group_size: int) -> Array | None:
+    """``[B, B*G]`` True where passage j is another copy of query i's positive (same key, other
+    column): such a copy is not a negative, so it leaves the softmax."""
+    if passage_keys is None:
+        return None
+    cols = positive_columns(batch, group_size)
+    same = passage_keys[None, :] == passage_keys[cols][:, None]
+    return same & (jnp.arange(passage_keys.shape[0])[None, :] != cols[:, None])
+
+
+def per_query_infonce(
+    q: Array, p: Array, *, group_size: int, temperature: float = 0.02,
+    passage_keys: Array | None = None,
+) -> Array:
+    """``L_i = logsumexp_j s_ij - s_{i, iG}`` over all B*G passages -> ``[B]``; with
+    ``passage_keys`` the other in-batch copies of query i's positive are left out of the sum."""
     batch = _check(q, p, group_size)
     scores = _normalize(q) @ _normalize(p).T / temperature
     positives = jnp.take_along_axis(scores, positive_columns(batch, group_size)[:, None], axis=1)
+    duplicates = duplicate_positive_mask(passage_keys, batch, group_size)
+    if duplicates is not None:
+        scores = jnp.where(duplicates, -jnp.inf, scores)
     return jax.nn.logsumexp(scores, axis=1) - positives[:, 0]
 
 
-def in_batch_accuracy(q: Array, p: Array, *, group_size: int) -> Array:
-    """Fraction of queries whose highest-scoring passage (of all B*G) is their positive."""
+def in_batch_accuracy(q: Array, p: Array, *, group_size: int,
+                      passage_keys: Array | None = None) -> Array:
+    """Fraction of queries whose highest-scoring passage (of all B*G, copies of their own
+    positive excluded) is their positive."""
     batch = _check(q, p, group_size)
     scores = _normalize(q) @ _normalize(p).T
+    duplicates = duplicate_positive_mask(passage_keys, batch, group_size)
+    if duplicates is not None:
+        scores = jnp.where(duplicates, -jnp.inf, scores)
     return jnp.mean(jnp.argmax(scores, axis=1) == positive_columns(batch, group_size))
 
 
 def weighted_infonce_loss(
-    q: Array, p: Array, weights: Array, *, group_size: int, temperature: float = 0.02
+    q: Array, p: Array, weights: Array, *, group_size: int, temperature: float = 0.02,
+    passage_keys: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """``sum_i w_i L_i / sum_i w_i`` with per-sample weights (no gradient through them)."""
-    losses = per_query_infonce(q, p, group_size=group_size, temperature=temperature)
+    losses = per_query_infonce(q, p, group_size=group_size, temperature=temperature,
+                               passage_keys=passage_keys)
     w = jax.lax.stop_gradient(weights.astype(losses.dtype))
     w = w / jnp.sum(w)
     return jnp.sum(w * losses), {"per_query_loss": losses, "weights": w}
 
 
 def infonce_loss(
-    q: Array, p: Array, *, group_size: int, temperature: float = 0.02
+    q: Array, p: Array, *, group_size: int, temperature: float = 0.02,
+    passage_keys: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Mean InfoNCE over the global batch: ``(1/B) sum_i L_i``.
 
     Returns ``(loss, aux)`` with ``aux["per_query_loss"] [B]`` and ``aux["weights"]`` (all 1/B).
+    ``passage_keys [B*G]`` (text identities) removes in-batch copies of each positive.
     """
-    losses = per_query_infonce(q, p, group_size=group_size, temperature=temperature)
+    losses = per_query_infonce(q, p, group_size=group_size, temperature=temperature,
+                               passage_keys=passage_keys)
     weights = jnp.full(losses.shape, 1.0 / losses.shape[0], losses.dtype)
     return jnp.mean(losses), {"per_query_loss": losses, "weights": weights}
 
@@ -98,6 +125,7 @@ def ri_infonce_loss(
     temperature: float = 0.02,
     kappa: float = 5.0,
     use_weights: bool | Array = True,
+    passage_keys: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """RI-InfoNCE (Redapter): ``sum_i w_i L_i`` with reasoning-intensity weights.
 
@@ -106,12 +134,13 @@ def ri_infonce_loss(
     ``use_weights`` is False (the first steps of training) the plain mean is used; it may be a
     traced boolean so one compiled step serves both phases.
     """
-    losses = per_query_infonce(q, p, group_size=group_size, temperature=temperature)
+    losses = per_query_infonce(q, p, group_size=group_size, temperature=temperature,
+                               passage_keys=passage_keys)
     if rq.shape != q.shape:
         raise ValueError(f"rq must have the shape of q {q.shape}, got {rq.shape}")
     reasoning_losses = per_query_infonce(
         jax.lax.stop_gradient(rq), jax.lax.stop_gradient(p), group_size=group_size,
-        temperature=temperature,
+        temperature=temperature, passage_keys=passage_keys,
     )
     ri_weights, ri = reasoning_intensity_weights(losses, reasoning_losses, kappa=kappa)
     uniform = jnp.full(losses.shape, 1.0 / losses.shape[0], losses.dtype)
@@ -132,13 +161,15 @@ def qwen3_masked_infonce_loss(
     group_size: int,
     temperature: float = 0.02,
     margin: float = 0.1,
+    passage_keys: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Qwen3-Embedding's InfoNCE with an enlarged, false-negative-masked denominator.
 
     ``L_i = -s(q_i, d_i+)/tau + log Z_i`` with
     ``Z_i = e^{s(q_i,d_i+)/tau} + sum_{j != i+} m e^{s(q_i,d_j)/tau} + sum_{j != i} m e^{s(q_i,q_j)/tau}
     + sum_{j != i+} m e^{s(d_i+,d_j)/tau}``, where every term is masked out (m = 0) when its
-    cosine exceeds ``s(q_i, d_i+) + margin``. The positive itself is never a negative.
+    cosine exceeds ``s(q_i, d_i+) + margin``. The positive itself (or, with ``passage_keys``, a
+    copy of it) is never a negative.
     """
     batch = _check(q, p, group_size)
     qn, pn = _normalize(q), _normalize(p)
@@ -149,6 +180,9 @@ def qwen3_masked_infonce_loss(
     s_pos = qp[jnp.arange(batch), cols]  # [B]
     limit = (s_pos + margin)[:, None]
     not_own_positive = jnp.arange(p.shape[0])[None, :] != cols[:, None]
+    duplicates = duplicate_positive_mask(passage_keys, batch, group_size)
+    if duplicates is not None:  # a copy of the positive is "the positive itself"
+        not_own_positive = not_own_positive & ~duplicates
     not_self = ~jnp.eye(batch, dtype=bool)
 
     def masked(scores: Array, keep: Array) -> Array:

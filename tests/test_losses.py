@@ -163,3 +163,30 @@ def test_sharded_gradients_match_unsharded_and_analytic():
     gq_norm = jax.grad(f)(jax.device_put(jnp.asarray(qn), rows), jax.device_put(jnp.asarray(pn), rows))
     proj = gq_analytic - (gq_analytic * qn).sum(1, keepdims=True) * qn  # normalisation Jacobian
     np.testing.assert_allclose(gq_norm, proj, rtol=1e-7, atol=1e-10)
+
+
+def test_copies_of_the_positive_leave_the_softmax():
+    """A passage text that is query i's positive and also sits in another group (as that
+    record's negative) is not a negative for query i: numpy reference drops those columns."""
+    b, g = 4, 3
+    q, p, rq = _data(b, g, seed=13)
+    p[4] = p[0]  # query 0's positive is query 1's first negative
+    p[9] = p[6]  # query 2's positive is query 3's second negative
+    keys = np.arange(b * g)
+    keys[4], keys[9] = keys[0], keys[6]
+    s = _unit(q) @ _unit(p).T / TAU
+    ref = []
+    for i in range(b):
+        cols = [j for j in range(b * g) if j == i * g or keys[j] != keys[i * g]]
+        row = s[i, cols]
+        ref.append(np.log(np.exp(row - row.max()).sum()) + row.max() - s[i, i * g])
+    ref = np.array(ref)
+    loss, aux = losses.infonce_loss(jnp.asarray(q), jnp.asarray(p), group_size=g,
+                                    passage_keys=jnp.asarray(keys))
+    np.testing.assert_allclose(aux["per_query_loss"], ref, rtol=1e-6)
+    unmasked, _ = losses.infonce_loss(jnp.asarray(q), jnp.asarray(p), group_size=g)
+    assert float(unmasked) > float(loss)
+    # Query 1's own negative (column 4) is still a negative for query 1.
+    ri, ri_aux = losses.ri_infonce_loss(jnp.asarray(q), jnp.asarray(p), jnp.asarray(rq),
+                                        group_size=g, passage_keys=jnp.asarray(keys))
+    np.testing.assert_allclose(ri_aux["per_query_loss"], ref, rtol=1e-6)

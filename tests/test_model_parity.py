@@ -156,3 +156,40 @@ def test_bfloat16_compute_stays_close_to_float32(family_model, qwen3_tokenizer_d
     low = np.asarray(pool(bf16(ids, mask), mask))
     assert bf16.layers.q_proj[...].dtype == np.float32  # fp32 master weights
     assert (low * ref).sum(-1).min() > 0.99
+
+
+@pytest.mark.parametrize("scan,attention,remat", [(True, "causal", "none"),
+                                                  (False, "causal", "full"),
+                                                  (True, "bidirectional", "none")])
+def test_last_token_only_forward_equals_full_forward(family_model, qwen3_tokenizer_dir, scan,
+                                                     attention, remat):
+    """The shortcut (last layer computed only at the pooled position) equals HF's full hidden
+    state at the last real token, in value and in gradient."""
+    import jax
+    import jax.numpy as jnp
+
+    from reasonembed_jax.model.decoder import forward
+
+    family, torch_model, path = family_model
+    ids, mask = _inputs(family, qwen3_tokenizer_dir)
+    model = hf_io.load_encoder(path, scan_layers=scan, attention=attention, remat_policy=remat)
+    params = model.params()
+    short = forward(model.config, params, ids, mask, last_token_only=True)
+    full = forward(model.config, params, ids, mask)
+    last = np.array([np.nonzero(m)[0][-1] for m in mask])
+    np.testing.assert_allclose(np.asarray(short), np.asarray(full)[np.arange(len(ids)), last],
+                               atol=2e-5)
+    if attention == "causal":
+        ref = _hf_hidden(torch_model, ids, mask)
+        np.testing.assert_allclose(np.asarray(short), ref[np.arange(len(ids)), last], atol=1e-4)
+
+    def loss(p, shortcut):
+        if shortcut:
+            return jnp.sum(forward(model.config, p, ids, mask, last_token_only=True) ** 2)
+        return jnp.sum(pool(forward(model.config, p, ids, mask), mask, normalize=False) ** 2)
+
+    g_short = jax.grad(loss)(params, True)
+    g_full = jax.grad(loss)(params, False)
+    for name in g_full:
+        a, b = np.asarray(g_short[name]), np.asarray(g_full[name])
+        assert np.linalg.norm(a - b) <= 1e-4 * max(np.linalg.norm(b), 1e-6), name

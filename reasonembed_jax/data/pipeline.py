@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import threading
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -332,11 +333,19 @@ class BatchBuilder(grain.transforms.Map):
             r_ids, r_mask = self._tokenize(t["reasoning"], self.text.reasoning_max_length)
             batch["reasoning_input_ids"] = r_ids
             batch["reasoning_attention_mask"] = r_mask
+        # Identity of each passage's text: the loss masks in-batch copies of a query's own
+        # positive (e.g. another record's negative that is this record's positive).
+        batch["passage_key"] = text_keys(t["passages"])
         batch["domain_index"] = np.asarray(t["domain_index"], dtype=np.int32)
         batch["step"] = np.asarray(step, dtype=np.int64)
         if self.return_record_index:
             batch["record_index"] = np.asarray(t["record_keys"], dtype=np.int64)
         return batch
+
+
+def text_keys(texts: list[str]) -> np.ndarray:
+    """A stable 31-bit key per text (CRC-32 of its UTF-8 bytes), equal on every host."""
+    return np.asarray([zlib.crc32(t.encode("utf-8")) & 0x7FFFFFFF for t in texts], dtype=np.int32)
 
 
 class TrainingDataPipeline:

@@ -187,7 +187,8 @@ def remat_policy(name: str) -> Any:
     return policies[name]
 
 
-def _init_value(spec: ParamSpec, key: Array, config: DecoderConfig) -> Array:
+def init_param_value(spec: ParamSpec, key: Array, config: DecoderConfig) -> Array:
+    """A freshly initialised parameter: N(0, initializer_range) matrices, ones or zeros."""
     dtype = config.jnp_param_dtype
     if spec.init == "ones":
         return jnp.ones(spec.shape, dtype)
@@ -275,7 +276,7 @@ class DecoderEncoder(nnx.Module):
         self.rules = tuple(rules)
         self.layers = DecoderLayers()
         for path, spec in param_specs(config).items():
-            param = nnx.Param(_init_value(spec, rngs.params(), config),
+            param = nnx.Param(init_param_value(spec, rngs.params(), config),
                               logical_axes=spec.logical_axes)
             if path.startswith(LAYER_PREFIX):
                 setattr(self.layers, path[len(LAYER_PREFIX):], param)

@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.kappa = 5.0
     c.loss.ri_warmup_steps = 100
     c.loss.qwen3_margin = 0.1
+    c.loss.mask_duplicate_positives = True  # in-batch copies of a positive are not negatives
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-4

@@ -23,7 +23,7 @@ from reasonembed_jax import losses
 from reasonembed_jax.lora import LoraConfig, lora_project, with_dropout_keys
 from reasonembed_jax.model.config import DecoderConfig
 from reasonembed_jax.model.decoder import default_project, forward
-from reasonembed_jax.model.pooling import pool
+from reasonembed_jax.model.pooling import finish_pooled, pool
 from reasonembed_jax.model.sharding import DEFAULT_RULES, Rules, constrain
 
 Array = jax.Array
@@ -41,6 +41,8 @@ class StepConfig:
     kappa: float = 5.0
     ri_warmup_steps: int = 100
     qwen3_margin: float = 0.1
+    # Leave in-batch copies of a query's own positive out of its softmax (needs passage_key).
+    mask_duplicate_positives: bool = True
     pooling: str = "last_token"
     lora: LoraConfig | None = None
     grad_cache: bool = False
@@ -74,6 +76,10 @@ def make_embed_fn(cfg: StepConfig, *, train: bool) -> Callable[..., Array]:
             params = with_dropout_keys(params, key, cfg.model.num_layers)
         ids = constrain(ids, ("activation_batch", "activation_length"), cfg.mesh, cfg.rules)
         mask = constrain(mask, ("activation_batch", "activation_length"), cfg.mesh, cfg.rules)
+        if cfg.pooling == "last_token":  # the last layer only needs the pooled position
+            pooled = forward(cfg.model, params, ids, mask, mesh=cfg.mesh, rules=cfg.rules,
+                             project=project, last_token_only=True)
+            return finish_pooled(pooled, normalize=True)
         hidden = forward(cfg.model, params, ids, mask, mesh=cfg.mesh, rules=cfg.rules,
                          project=project)
         return pool(hidden, mask, cfg.pooling, normalize=True)
@@ -82,19 +88,23 @@ def make_embed_fn(cfg: StepConfig, *, train: bool) -> Callable[..., Array]:
 
 
 def compute_loss(
-    cfg: StepConfig, q: Array, p: Array, rq: Array | None, step: Array, group_size: int
+    cfg: StepConfig, q: Array, p: Array, rq: Array | None, step: Array, group_size: int,
+    passage_keys: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """The configured loss on embeddings; RI weights switch on after ``ri_warmup_steps``."""
+    keys = passage_keys if cfg.mask_duplicate_positives else None
     if cfg.loss == "infonce":
-        return losses.infonce_loss(q, p, group_size=group_size, temperature=cfg.temperature)
+        return losses.infonce_loss(q, p, group_size=group_size, temperature=cfg.temperature,
+                                   passage_keys=keys)
     if cfg.loss == "qwen3_masked":
         return losses.qwen3_masked_infonce_loss(q, p, group_size=group_size,
                                                 temperature=cfg.temperature,
-                                                margin=cfg.qwen3_margin)
+                                                margin=cfg.qwen3_margin, passage_keys=keys)
     if rq is None:
         raise ValueError("ri_infonce needs reasoning queries in the batch")
     return losses.ri_infonce_loss(q, p, rq, group_size=group_size, temperature=cfg.temperature,
-                                  kappa=cfg.kappa, use_weights=step >= cfg.ri_warmup_steps)
+                                  kappa=cfg.kappa, use_weights=step >= cfg.ri_warmup_steps,
+                                  passage_keys=keys)
 
 
 def _keys(rng: Array, step: Array) -> tuple[Array, Array, Array]:
@@ -125,11 +135,12 @@ def plain_loss_and_grads(
     def loss_fn(tr: PyTree) -> tuple[Array, tuple[dict[str, Array], Array, Array]]:
         q = embed(tr, frozen, batch["query_input_ids"], batch["query_attention_mask"], kq)
         p = embed(tr, frozen, batch["passage_input_ids"], batch["passage_attention_mask"], kp)
-        loss, aux = compute_loss(cfg, q, p, rq, step, group)
+        loss, aux = compute_loss(cfg, q, p, rq, step, group, keys)
         return loss, (aux, q, p)
 
+    keys = batch.get("passage_key")
     (loss, (aux, q, p)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-    aux = dict(aux, accuracy=losses.in_batch_accuracy(q, p, group_size=group))
+    aux = dict(aux, accuracy=losses.in_batch_accuracy(q, p, group_size=group, passage_keys=keys))
     return loss, aux, grads
 
 
@@ -194,8 +205,10 @@ def grad_cache_loss_and_grads(
     p = embed_all("passage", embed)
     rq = embed_all("reasoning", embed_eval) if cfg.uses_reasoning else None
 
+    keys = batch.get("passage_key")
+
     def loss_fn(q: Array, p: Array) -> tuple[Array, dict[str, Array]]:
-        return compute_loss(cfg, q, p, rq, step, group)
+        return compute_loss(cfg, q, p, rq, step, group, keys)
 
     (loss, aux), (dq, dp) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(q, p)
 
@@ -215,7 +228,7 @@ def grad_cache_loss_and_grads(
     grads = jax.tree.map(jnp.zeros_like, trainable)
     grads = backprop("query", dq, grads)
     grads = backprop("passage", dp, grads)
-    aux = dict(aux, accuracy=losses.in_batch_accuracy(q, p, group_size=group))
+    aux = dict(aux, accuracy=losses.in_batch_accuracy(q, p, group_size=group, passage_keys=keys))
     return loss, aux, grads
 
 

@@ -29,7 +29,7 @@ from reasonembed_jax import hf_io
 from reasonembed_jax.distributed import to_host
 from reasonembed_jax.lora import LoraConfig, init_lora, lora_param_shapes, merge_lora
 from reasonembed_jax.model.config import DecoderConfig
-from reasonembed_jax.model.decoder import _init_value
+from reasonembed_jax.model.decoder import init_param_value
 from reasonembed_jax.model.params import param_specs
 from reasonembed_jax.model.sharding import DEFAULT_RULES, make_mesh, named_sharding
 from reasonembed_jax.tiny_model import shrink_hf_config
@@ -108,7 +108,7 @@ def init_base_params(config: ml_collections.ConfigDict, cfg: DecoderConfig, mesh
 
     def init() -> dict[str, jax.Array]:
         keys = jax.random.split(jax.random.key(seed), len(specs))
-        return {path: _init_value(spec, k, cfg) for k, (path, spec) in zip(keys, specs.items(),
+        return {path: init_param_value(spec, k, cfg) for k, (path, spec) in zip(keys, specs.items(),
                                                                             strict=True)}
 
     return jax.jit(init, out_shardings=param_shardings(cfg, mesh))()
@@ -130,10 +130,11 @@ def to_global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh, fields: tu
     """This host's rows -> global arrays sharded over (data, fsdp) rows."""
     sharding = batch_sharding(mesh)
     out = {}
-    for role in fields:
-        for suffix in ("input_ids", "attention_mask"):
-            key = f"{role}_{suffix}"
-            out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(host_batch[key]))
+    keys = [f"{role}_{suffix}" for role in fields for suffix in ("input_ids", "attention_mask")]
+    if "passage_key" in host_batch:
+        keys.append("passage_key")
+    for key in keys:
+        out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(host_batch[key]))
     return out
 
 
@@ -299,7 +300,9 @@ class Trainer:
         self.step_cfg = StepConfig(
             model=self.model_cfg, loss=config.loss.kind, temperature=config.loss.temperature,
             kappa=config.loss.kappa, ri_warmup_steps=config.loss.ri_warmup_steps,
-            qwen3_margin=config.loss.qwen3_margin, pooling=config.model.pooling, lora=self.lora,
+            qwen3_margin=config.loss.qwen3_margin,
+            mask_duplicate_positives=config.loss.mask_duplicate_positives,
+            pooling=config.model.pooling, lora=self.lora,
             grad_cache=config.train.grad_cache,
             chunk_rows_per_device=config.train.grad_cache_chunk, mesh=self.mesh,
             rules=DEFAULT_RULES,
@@ -356,8 +359,11 @@ class Trainer:
         b = per_device * devices
         rows = {"query": (b, d.query_max_length), "passage": (b * group, d.passage_max_length),
                 "reasoning": (b, d.reasoning_max_length)}
-        return {f"{role}_{s}": jax.ShapeDtypeStruct(rows[role], jnp.int32, sharding=sharding)
-                for role in self.fields for s in ("input_ids", "attention_mask")}
+        batch = {f"{role}_{s}": jax.ShapeDtypeStruct(rows[role], jnp.int32, sharding=sharding)
+                 for role in self.fields for s in ("input_ids", "attention_mask")}
+        batch["passage_key"] = jax.ShapeDtypeStruct(rows["passage"][:1], jnp.int32,
+                                                    sharding=sharding)
+        return batch
 
     def dry_run(self) -> dict[str, dict[str, float]]:
         """Compiles the step for every domain's shape at max lengths, from shapes only (no
@@ -426,6 +432,11 @@ class Trainer:
         c = self.config
         pipeline = build_pipeline(c.data)
         num_steps = int(c.train.num_steps or pipeline.num_steps)
+        if num_steps > pipeline.num_steps:
+            raise TrainingError(
+                f"train.num_steps={num_steps} but the data gives only {pipeline.num_steps} steps "
+                f"({pipeline.steps_per_epoch} per epoch x data.num_epochs={c.data.num_epochs}); "
+                "raise data.num_epochs or lower train.num_steps")
         if num_steps < 1:
             raise TrainingError("the run has no steps: too few records for one global batch?")
         log.info("data: %s", pipeline.describe())
