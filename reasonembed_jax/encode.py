@@ -101,7 +101,7 @@ class TextEncoder:
         self.buckets = tuple(buckets)
         self._identity = identity
         self._graphdef, self._state = nnx.split(model)
-        self._embed = jax.jit(self._embed_impl, static_argnums=())
+        self._embed = jax.jit(self._embed_impl)
 
     @classmethod
     def from_pretrained(

@@ -27,7 +27,7 @@ from reasonembed_jax.model.decoder import DecoderEncoder
 from reasonembed_jax.model.params import param_specs
 from reasonembed_jax.model.sharding import DEFAULT_RULES, Rules, named_sharding
 from reasonembed_jax.safetensors_io import CheckpointReader, save_file
-from reasonembed_jax.text import EMBEDDING_EOS_TOKENS, QUERY_TEMPLATE
+from reasonembed_jax.text import QUERY_TEMPLATE, embedding_eos_token_id, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -308,11 +308,10 @@ def export_hf(
             raise ValueError("append_eos needs a fast tokenizer (tokenizer.json) to export")
         with open(tok_json_path, encoding="utf-8") as f:
             tok_json = json.load(f)
-        eos = eos_token or _default_eos(tok_json, config)
-        ids = {t["content"]: t["id"] for t in tok_json.get("added_tokens", [])}
-        if eos not in ids:
-            raise ValueError(f"EOS token '{eos}' is not an added token of the tokenizer")
-        _append_eos_post_processor(tok_json, eos, ids[eos])
+        tokenizer = load_tokenizer(out_dir)
+        eos_id = embedding_eos_token_id(tokenizer, eos_token)
+        eos = tokenizer.convert_ids_to_tokens(eos_id)
+        _append_eos_post_processor(tok_json, eos, eos_id)
         with open(tok_json_path, "w", encoding="utf-8") as f:
             json.dump(tok_json, f, ensure_ascii=False)
 
@@ -325,20 +324,6 @@ def export_hf(
     with open(os.path.join(out_dir, ENCODER_SETTINGS_FILE), "w") as f:
         json.dump(settings, f, indent=2)
     return out_dir
-
-
-def _default_eos(tok_json: dict[str, Any], config: DecoderConfig) -> str:
-    """Qwen-family embedders pool ``<|endoftext|>``; other families use their config's EOS."""
-    names = {t["content"] for t in tok_json.get("added_tokens", [])}
-    for name in EMBEDDING_EOS_TOKENS:
-        if name in names:
-            return name
-    eos_id = (config.hf_config or {}).get("eos_token_id")
-    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
-    for t in tok_json.get("added_tokens", []):
-        if t["id"] == eos_id:
-            return t["content"]
-    raise ValueError("cannot tell the EOS token; pass eos_token=")
 
 
 _ST_POOLING = {"last_token": "lasttoken", "mean": "mean", "first_token": "cls"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -150,7 +150,3 @@ def merge_lora(
         merged[path] = (base[path].astype(jnp.float32) + lora.scale * delta).astype(dtype)
     return merged
 
-
-def lora_targets_from_names(names: Sequence[str]) -> tuple[str, ...]:
-    """Accepts HF-style module names (``q_proj``, ``self_attn.q_proj``, ``mlp.up_proj``)."""
-    return tuple(n.rsplit(".", 1)[-1] for n in names)

@@ -2,7 +2,7 @@
 
 from reasonembed_jax.model.config import DecoderConfig
 from reasonembed_jax.model.decoder import DecoderEncoder
-from reasonembed_jax.model.params import ParamSpec, hf_parameter_shapes, param_specs
+from reasonembed_jax.model.params import ParamSpec, param_specs
 from reasonembed_jax.model.pooling import pool
 from reasonembed_jax.model.sharding import DEFAULT_RULES, make_mesh
 
@@ -11,7 +11,6 @@ __all__ = [
     "DecoderConfig",
     "DecoderEncoder",
     "ParamSpec",
-    "hf_parameter_shapes",
     "make_mesh",
     "param_specs",
     "pool",

@@ -114,14 +114,3 @@ def param_specs(config: DecoderConfig) -> dict[str, ParamSpec]:
         layer("down_bias", (H,), ("norm",), "zeros", "mlp.down_proj.bias")
     return specs
 
-
-def hf_parameter_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
-    """HF base-model tensor names and shapes implied by the table (one entry per layer)."""
-    out = {}
-    for spec in param_specs(config).values():
-        if spec.stacked:
-            for i in range(config.num_layers):
-                out[spec.hf_name.format(layer=i)] = spec.hf_shape
-        else:
-            out[spec.hf_name] = spec.hf_shape
-    return out

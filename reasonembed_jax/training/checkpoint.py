@@ -7,7 +7,6 @@ fails to restore (damaged files), the previous one is used and a warning says so
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -82,10 +81,3 @@ def abstract_like(tree: Any) -> Any:
         tree,
     )
 
-
-def data_state_to_json(state_bytes: bytes) -> dict[str, Any]:
-    return {"grain": json.loads(state_bytes.decode("utf-8"))}
-
-
-def data_state_from_json(saved: dict[str, Any]) -> bytes:
-    return json.dumps(saved["grain"], sort_keys=True).encode("utf-8")

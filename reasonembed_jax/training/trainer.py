@@ -33,12 +33,7 @@ from reasonembed_jax.model.decoder import init_param_value
 from reasonembed_jax.model.params import param_specs
 from reasonembed_jax.model.sharding import DEFAULT_RULES, make_mesh, named_sharding
 from reasonembed_jax.tiny_model import shrink_hf_config
-from reasonembed_jax.training.checkpoint import (
-    Checkpointer,
-    abstract_like,
-    data_state_from_json,
-    data_state_to_json,
-)
+from reasonembed_jax.training.checkpoint import Checkpointer, abstract_like
 from reasonembed_jax.training.step import (
     StepConfig,
     make_optimizer,
@@ -427,7 +422,7 @@ class Trainer:
     # -- training ---------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        from reasonembed_jax.data import build_pipeline, iterator_state_to_bytes, restore_iterator_state
+        from reasonembed_jax.data import build_pipeline
 
         c = self.config
         pipeline = build_pipeline(c.data)
@@ -449,7 +444,7 @@ class Trainer:
         restored = checkpointer.restore_latest(abstract_like(state))
         if restored is not None:
             start, state, data_state = restored
-            restore_iterator_state(iterator, data_state_from_json(data_state))
+            iterator.set_state(data_state["grain"])
             log.info("resumed from step %d in %s", start, checkpointer.directory)
         start = int(to_host(state["step"]))
         step_fn = jax.jit(make_train_step(self.step_cfg, optimizer, schedule), donate_argnums=(0,))
@@ -515,7 +510,7 @@ class Trainer:
                     pending = (step, metrics, now - last_time, info)
                     last_time = now
                     bar.update(1)
-                    data_state = data_state_to_json(iterator_state_to_bytes(iterator))
+                    data_state = {"grain": iterator.get_state()}
                     checkpointer.save(step + 1, state, data_state)
                     if c.eval.every and (step + 1) % c.eval.every == 0 and c.eval.data:
                         writer.write(step + 1, self.evaluate(state, frozen))
@@ -529,8 +524,8 @@ class Trainer:
                 finish_pending()
                 final_step = int(to_host(state["step"]))
                 if final_step not in checkpointer.steps():
-                    checkpointer.save(final_step, state, data_state_to_json(
-                        iterator_state_to_bytes(iterator)), force=True)
+                    checkpointer.save(final_step, state, {"grain": iterator.get_state()},
+                                      force=True)
                 checkpointer.wait()
                 result: dict[str, Any] = {"final_step": final_step, "history": history,
                                           "state": state, "frozen": frozen}
