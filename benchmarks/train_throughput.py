@@ -147,7 +147,8 @@ def last_token_embed_fn(cfg: Any, *, train: bool) -> Callable[..., Any]:
     """``step.make_embed_fn`` with ``forward(..., last_token_only=True)``: the proposed
     ``training/step.py`` change (the last layer computes only the pooled position)."""
     from reasonembed_jax.lora import lora_project, with_dropout_keys
-    from reasonembed_jax.model.decoder import default_project, forward
+    from reasonembed_jax.model.decoder import default_project
+    from reasonembed_jax.model.encoder import forward
     from reasonembed_jax.model.pooling import finish_pooled
 
     project = lora_project(cfg.lora, train=train) if cfg.lora is not None else default_project

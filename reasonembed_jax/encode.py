@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reasonembed_jax.hf_io import load_encoder, read_encoder_settings
 from reasonembed_jax.model.config import POOLING_MODES
-from reasonembed_jax.model.decoder import DecoderEncoder
+from reasonembed_jax.model.encoder import Encoder
 from reasonembed_jax.model.pooling import finish_pooled, pool
 from reasonembed_jax.model.sharding import make_mesh
 from reasonembed_jax.text import (
@@ -72,7 +72,7 @@ class TextEncoder:
 
     def __init__(
         self,
-        model: DecoderEncoder,
+        model: Encoder,
         tokenizer: Any,
         *,
         pooling: str = "last_token",
@@ -117,15 +117,15 @@ class TextEncoder:
         batch_size: int = 32,
         mesh: Mesh | None = None,
         tokenizer_dir: str | os.PathLike | None = None,
-        attention: str = "causal",
+        attention: str | None = None,
     ) -> TextEncoder:
         """Loads a local HF folder. Unset options come from ``reasonembed_encoder.json`` (written
         by our export) or default to last-token pooling, normalisation, no EOS append, 512."""
         model_dir = os.fspath(model_dir)
         saved = read_encoder_settings(model_dir)
         mesh = mesh if mesh is not None else make_mesh(data=-1)
-        model = load_encoder(model_dir, mesh=mesh, param_dtype=dtype, dtype=dtype,
-                             attention=attention)
+        runtime = {} if attention is None else {"attention": attention}
+        model = load_encoder(model_dir, mesh=mesh, param_dtype=dtype, dtype=dtype, **runtime)
         tokenizer = load_tokenizer(tokenizer_dir or model_dir)
         settings = {
             "pooling": pooling or saved.get("pooling", "last_token"),

@@ -22,8 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from reasonembed_jax.distributed import is_primary, to_host
-from reasonembed_jax.model.config import DecoderConfig
-from reasonembed_jax.model.decoder import DecoderEncoder
+from reasonembed_jax.model.encoder import Encoder, ModelConfig, config_from_hf_dir
 from reasonembed_jax.model.params import param_specs
 from reasonembed_jax.model.sharding import DEFAULT_RULES, Rules, named_sharding
 from reasonembed_jax.safetensors_io import CheckpointReader, save_file
@@ -46,17 +45,20 @@ def _param_sharding(mesh: Mesh | None, axes: tuple[str, ...], shape: tuple[int, 
     return named_sharding(mesh, axes, shape, rules)
 
 
-def _find_prefix(reader: CheckpointReader) -> str:
-    """HF causal-LM checkpoints prefix base-model tensors with ``model.``; base models do not."""
+def _find_prefix(reader: CheckpointReader, anchor: str) -> str:
+    """The prefix in front of base-model tensor names: HF task checkpoints wrap the base model
+    (``model.`` for causal LMs, ``bert.`` for BERT heads); base models have none. ``anchor`` is the
+    HF name of the token embedding table."""
     for key in reader.keys():
-        if key.endswith("embed_tokens.weight"):
-            return key[: -len("embed_tokens.weight")]
-    raise ValueError(f"{reader.model_dir}: no '*embed_tokens.weight' tensor; is this a decoder LM?")
+        if key.endswith(anchor):
+            return key[: -len(anchor)]
+    raise ValueError(f"{reader.model_dir}: no '*{anchor}' tensor; does config.json match the "
+                     "weights?")
 
 
 def load_hf_params(
     model_dir: str | os.PathLike,
-    config: DecoderConfig,
+    config: ModelConfig,
     *,
     mesh: Mesh | None = None,
     rules: Rules = DEFAULT_RULES,
@@ -64,13 +66,13 @@ def load_hf_params(
     """Reads every encoder parameter from an HF safetensors folder, placed in its sharding.
 
     Returns ``{our dotted path: jax.Array}`` in ``config.param_dtype``. Tensors the encoder does
-    not use (``lm_head.weight``) are skipped with a log line; a missing or mis-shaped tensor is an
-    error naming it.
+    not use (``lm_head.weight``, BERT's ``position_ids`` buffer) are skipped with a log line; a
+    missing or mis-shaped tensor is an error naming it.
     """
     reader = CheckpointReader(model_dir)
-    prefix = _find_prefix(reader)
-    dtype = config.jnp_param_dtype
     specs = param_specs(config)
+    prefix = _find_prefix(reader, specs["embed_tokens"].hf_name)
+    dtype = config.jnp_param_dtype
     used: set[str] = set()
     problems: list[str] = []
     for spec in specs.values():
@@ -108,13 +110,13 @@ def load_hf_params(
 
 
 def abstract_encoder(
-    config: DecoderConfig, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES
-) -> DecoderEncoder:
+    config: ModelConfig, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES
+) -> Encoder:
     """The encoder with shape-only parameters (no memory), e.g. for planning or loading into."""
-    return nnx.eval_shape(lambda: DecoderEncoder(config, rngs=nnx.Rngs(0), mesh=mesh, rules=rules))
+    return nnx.eval_shape(lambda: Encoder(config, rngs=nnx.Rngs(0), mesh=mesh, rules=rules))
 
 
-def set_params(model: DecoderEncoder, params: Mapping[str, jax.Array]) -> DecoderEncoder:
+def set_params(model: Encoder, params: Mapping[str, jax.Array]) -> Encoder:
     """Writes ``{dotted path: array}`` into ``model``'s parameters (in place) and returns it."""
     for path, value in params.items():
         var = model.variable(path)
@@ -124,7 +126,7 @@ def set_params(model: DecoderEncoder, params: Mapping[str, jax.Array]) -> Decode
     return model
 
 
-def get_params(model: DecoderEncoder) -> dict[str, jax.Array]:
+def get_params(model: Encoder) -> dict[str, jax.Array]:
     """``{dotted path: array}`` for every table parameter of ``model``."""
     return model.params()
 
@@ -135,18 +137,18 @@ def load_encoder(
     mesh: Mesh | None = None,
     rules: Rules = DEFAULT_RULES,
     **runtime: Any,
-) -> DecoderEncoder:
-    """A ``DecoderEncoder`` with weights from a local HF folder (config.json + safetensors).
+) -> Encoder:
+    """A ``Encoder`` with weights from a local HF folder (config.json + safetensors).
 
     ``runtime`` sets run-time config fields: ``param_dtype``, ``dtype``, ``attention``,
     ``scan_layers``, ``remat_policy``.
     """
-    config = DecoderConfig.from_hf_dir(model_dir, **runtime)
+    config = config_from_hf_dir(model_dir, **runtime)
     model = abstract_encoder(config, mesh=mesh, rules=rules)
     return set_params(model, load_hf_params(model_dir, config, mesh=mesh, rules=rules))
 
 
-def _source_dtype(config: DecoderConfig) -> str:
+def _source_dtype(config: ModelConfig) -> str:
     hf = config.hf_config or {}
     name = hf.get("torch_dtype") or hf.get("dtype") or config.param_dtype
     return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(name, name)
@@ -158,7 +160,7 @@ def _format_size(n: int) -> str:
 
 def write_hf_weights(
     params: Mapping[str, jax.Array],
-    config: DecoderConfig,
+    config: ModelConfig,
     out_dir: str | os.PathLike,
     *,
     dtype: str | None = None,
@@ -256,7 +258,7 @@ def _append_eos_post_processor(tokenizer_json: dict[str, Any], eos: str, eos_id:
 
 def export_hf(
     params: Mapping[str, jax.Array],
-    config: DecoderConfig,
+    config: ModelConfig,
     out_dir: str | os.PathLike,
     *,
     tokenizer_dir: str | os.PathLike | None,
@@ -298,7 +300,9 @@ def export_hf(
     if os.path.isfile(tok_cfg_path):
         with open(tok_cfg_path) as f:
             tok_cfg = json.load(f)
-        tok_cfg["padding_side"] = "left"
+        # Decoders pad left (last-token pooling); BERT must pad right, because HF derives its
+        # absolute positions from the column index.
+        tok_cfg["padding_side"] = config.padding_side
         tok_cfg["model_max_length"] = max_length
         with open(tok_cfg_path, "w") as f:
             json.dump(tok_cfg, f, indent=2, ensure_ascii=False)
@@ -366,9 +370,42 @@ def _write_sentence_transformers_files(
 
 
 def read_encoder_settings(model_dir: str | os.PathLike) -> dict[str, Any]:
-    """The pooling settings saved by ``export_hf`` (empty for a plain HF folder)."""
-    path = os.path.join(os.fspath(model_dir), ENCODER_SETTINGS_FILE)
-    if not os.path.isfile(path):
+    """The pooling settings saved by ``export_hf``; for a sentence-transformers folder without
+    them (e.g. all-MiniLM-L6-v2), the settings its own files declare; else empty."""
+    model_dir = os.fspath(model_dir)
+    path = os.path.join(model_dir, ENCODER_SETTINGS_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return _sentence_transformers_settings(model_dir)
+
+
+def _sentence_transformers_settings(model_dir: str) -> dict[str, Any]:
+    modules_path = os.path.join(model_dir, "modules.json")
+    if not os.path.isfile(modules_path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    with open(modules_path) as f:
+        modules = json.load(f)
+    settings: dict[str, Any] = {"normalize": any(m.get("type", "").endswith(".Normalize")
+                                                 for m in modules)}
+    pooling = next((m for m in modules if m.get("type", "").endswith(".Pooling")), None)
+    if pooling is not None:
+        cfg_path = os.path.join(model_dir, pooling.get("path", ""), "config.json")
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        mode = cfg.get("pooling_mode") or next(
+            (ours for ours, st in _ST_POOLING.items()
+             if cfg.get({"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens",
+                         "lasttoken": "pooling_mode_lasttoken"}[st])), None)
+        mode = {"cls": "first_token", "lasttoken": "last_token"}.get(mode, mode)
+        if mode not in _ST_POOLING:
+            raise ValueError(f"{cfg_path}: pooling '{mode or cfg}' is not supported (choose a "
+                             f"model with one of {sorted(_ST_POOLING.values())})")
+        settings["pooling"] = mode
+    bert_cfg = os.path.join(model_dir, "sentence_bert_config.json")
+    if os.path.isfile(bert_cfg):
+        with open(bert_cfg) as f:
+            max_length = json.load(f).get("max_seq_length")
+        if max_length:
+            settings["max_length"] = int(max_length)
+    return settings

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from reasonembed_jax.model.config import DecoderConfig
 from reasonembed_jax.model.decoder import ProjectFn
+from reasonembed_jax.model.encoder import ModelConfig
 from reasonembed_jax.model.params import LAYER_PREFIX, param_specs
 
 Array = jax.Array
@@ -60,11 +60,15 @@ def _split_equation(equation: str) -> tuple[str, str, str, str, str]:
     return x, kernel, out, contracted, produced
 
 
-def lora_param_shapes(config: DecoderConfig, lora: LoraConfig) -> dict[str, tuple[tuple, tuple]]:
+def lora_param_shapes(config: ModelConfig, lora: LoraConfig) -> dict[str, tuple[tuple, tuple]]:
     """``{path: (shape, logical_axes)}`` of the adapter parameters."""
     specs = param_specs(config)
     out = {}
     for name in lora.targets:
+        if LAYER_PREFIX + name not in specs:
+            have = [n for n in PROJECTIONS if LAYER_PREFIX + n in specs]
+            raise ValueError(f"LoRA target '{name}' does not exist in a {config.model_type} model; "
+                             f"its projections are {have}")
         spec = specs[LAYER_PREFIX + name]
         _, _, _, contracted, _ = _split_equation(EQUATIONS[name])
         n_in = len(contracted)
@@ -77,7 +81,7 @@ def lora_param_shapes(config: DecoderConfig, lora: LoraConfig) -> dict[str, tupl
     return out
 
 
-def init_lora(config: DecoderConfig, lora: LoraConfig, key: Array) -> dict[str, Array]:
+def init_lora(config: ModelConfig, lora: LoraConfig, key: Array) -> dict[str, Array]:
     """``A ~ N(0, 1/fan_in)``, ``B = 0`` (the adapted model starts equal to the base)."""
     params = {}
     shapes = lora_param_shapes(config, lora)

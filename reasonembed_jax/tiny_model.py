@@ -18,8 +18,7 @@ from collections.abc import Sequence
 from flax import nnx
 
 from reasonembed_jax.hf_io import export_hf, get_params
-from reasonembed_jax.model.config import DecoderConfig
-from reasonembed_jax.model.decoder import DecoderEncoder
+from reasonembed_jax.model.encoder import Encoder, config_from_hf
 
 
 def shrink_hf_config(
@@ -29,7 +28,11 @@ def shrink_hf_config(
     """A copy of the HF config dict with smaller sizes and everything else kept."""
     out = dict(hf)
     out.update(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-               num_key_value_heads=kv_heads, intermediate_size=intermediate or 3 * hidden)
+               intermediate_size=intermediate or (4 if hf.get("model_type") == "bert" else 3)
+               * hidden)
+    if hf.get("model_type") == "bert":  # no GQA and no explicit head_dim in the BERT family
+        return out
+    out["num_key_value_heads"] = kv_heads
     if head_dim is not None:
         out["head_dim"] = head_dim
     elif "head_dim" in out:
@@ -50,8 +53,8 @@ def write_tiny_model(
     hf = shrink_hf_config(hf, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
                           head_dim=head_dim, intermediate=intermediate)
     hf["torch_dtype"] = "float32"
-    config = DecoderConfig.from_hf(hf)
-    model = DecoderEncoder(config, rngs=nnx.Rngs(seed))
+    config = config_from_hf(hf)
+    model = Encoder(config, rngs=nnx.Rngs(seed))
     return export_hf(get_params(model), config, out_dir, tokenizer_dir=tokenizer_dir,
                      append_eos=append_eos)
 

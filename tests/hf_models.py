@@ -57,3 +57,37 @@ def build_hf_model(cfg: dict, *, causal_lm: bool = False, seed: int = 0,
 def save_hf_model(model: torch.nn.Module, path: pathlib.Path, **kwargs) -> pathlib.Path:
     model.save_pretrained(path, safe_serialization=True, **kwargs)
     return path
+
+
+# A hand-written BERT config (no real config file needed): every architectural feature of
+# BertModel at a tiny width, max_position_embeddings small enough to test the length check.
+TINY_BERT = dict(model_type="bert", architectures=["BertModel"], vocab_size=512, hidden_size=64,
+                 num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                 max_position_embeddings=64, type_vocab_size=2, hidden_act="gelu",
+                 layer_norm_eps=1e-12, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+                 initializer_range=0.02, pad_token_id=0, position_embedding_type="absolute")
+
+
+def tiny_bert_config(**extra) -> dict:
+    return {**TINY_BERT, **extra}
+
+
+def build_hf_bert(cfg: dict, *, cls_name: str = "BertModel", seed: int = 0,
+                  **model_kwargs) -> torch.nn.Module:
+    """A randomly initialised HF BERT (``cls_name`` from transformers, e.g. ``BertForMaskedLM``);
+    every weight is random, LayerNorm weights near 1 and everything else (LayerNorm biases,
+    position and token-type embeddings, pooler) N(0, 0.08), so a mis-mapped or unused tensor
+    changes the output. ``model_kwargs`` go to the constructor (``add_pooling_layer=False``)."""
+    import transformers
+
+    config = transformers.BertConfig(**cfg)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(config, **model_kwargs).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm.weight" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.08)
+    return model

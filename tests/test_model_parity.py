@@ -168,7 +168,7 @@ def test_last_token_only_forward_equals_full_forward(family_model, qwen3_tokeniz
     import jax
     import jax.numpy as jnp
 
-    from reasonembed_jax.model.decoder import forward
+    from reasonembed_jax.model.encoder import forward
 
     family, torch_model, path = family_model
     ids, mask = _inputs(family, qwen3_tokenizer_dir)

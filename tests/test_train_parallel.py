@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from reasonembed_jax.model import DecoderConfig, DecoderEncoder, make_mesh
+from reasonembed_jax.model import DecoderConfig, Encoder, make_mesh
 from reasonembed_jax.training.checkpoint import Checkpointer, abstract_like
 from reasonembed_jax.training.step import (
     StepConfig,
@@ -79,7 +79,7 @@ def _batch(b, g, t, seed):
 def test_grad_cache_equals_plain_gradients_and_saves_memory():
     cfg = _tiny_model_config()
     mesh = make_mesh(data=8)
-    params = DecoderEncoder(cfg, rngs=nnx.Rngs(0)).params()
+    params = Encoder(cfg, rngs=nnx.Rngs(0)).params()
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     batch = {k: jax.device_put(v, rows) for k, v in _batch(16, 4, 12, 0).items()}
     plain_cfg = StepConfig(model=cfg, loss="ri_infonce", ri_warmup_steps=0, mesh=mesh)
@@ -116,7 +116,7 @@ def test_grad_cache_equals_plain_gradients_and_saves_memory():
 
 def test_non_finite_step_is_skipped():
     cfg = _tiny_model_config()
-    params = DecoderEncoder(cfg, rngs=nnx.Rngs(0)).params()
+    params = Encoder(cfg, rngs=nnx.Rngs(0)).params()
     params["norm"] = params["norm"].at[0].set(jnp.nan)
     optimizer = make_optimizer(1e-3)
     state = {"step": jnp.asarray(0), "params": params, "opt_state": optimizer.init(params),
@@ -158,7 +158,7 @@ def test_lora_training_keeps_base_and_exports_merged(tmp_path):
     exported (merged) model computes what base + adapters compute."""
     from reasonembed_jax import hf_io
     from reasonembed_jax.lora import lora_project
-    from reasonembed_jax.model.decoder import forward
+    from reasonembed_jax.model.encoder import forward
 
     c = tiny_train_config(steps=3, devices=8, arg="lora")
     c.lora.dropout = 0.0

@@ -171,9 +171,10 @@ def build_bright_records(
     return records, skipped
 
 
-def load_beir(dataset_dir: str, split: str) -> tuple[dict[str, str], dict[str, str],
-                                                     dict[str, dict[str, int]]]:
-    """``(queries, corpus texts, qrels)`` of a BEIR-layout folder; corpus text = title + text."""
+def load_beir(dataset_dir: str, split: str | None) -> tuple[dict[str, str], dict[str, str],
+                                                            dict[str, dict[str, int]]]:
+    """``(queries, corpus texts, qrels)`` of a BEIR-layout folder; corpus text = title + text.
+    ``split=None`` reads no qrels (empty dict)."""
     def find(name: str) -> str:
         for candidate in (name, name + ".gz"):
             path = os.path.join(dataset_dir, candidate)
@@ -188,6 +189,8 @@ def load_beir(dataset_dir: str, split: str) -> tuple[dict[str, str], dict[str, s
         corpus[str(doc["_id"])] = f"{title}\n{text}" if title else text
     queries = {str(q["_id"]): q["text"] for q in read_jsonl(find("queries.jsonl"))}
     qrels: dict[str, dict[str, int]] = {}
+    if split is None:
+        return queries, corpus, qrels
     with _open_text(find(os.path.join("qrels", f"{split}.tsv"))) as f:
         reader = csv.reader(f, delimiter="\t")
         header = next(reader)

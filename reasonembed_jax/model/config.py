@@ -91,6 +91,9 @@ class DecoderConfig:
             if kind not in ("llama3", "default", None):
                 raise ValueError(f"unsupported rope scaling type '{kind}' (supported: llama3)")
 
+    mlp_matrices = 3  # gate, up and down (SwiGLU)
+    padding_side = "left"  # exported tokenizers pad left (last-token pooling reads the end)
+
     def replace(self, **changes: Any) -> DecoderConfig:
         return dataclasses.replace(self, **changes)
 

@@ -18,12 +18,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
 from reasonembed_jax.model.config import DecoderConfig
-from reasonembed_jax.model.params import LAYER_PREFIX, ParamSpec, param_specs
+from reasonembed_jax.model.params import LAYER_PREFIX
 from reasonembed_jax.model.pooling import last_token_index
 from reasonembed_jax.model.sharding import DEFAULT_RULES, Rules, constrain
 
@@ -187,17 +186,7 @@ def remat_policy(name: str) -> Any:
     return policies[name]
 
 
-def init_param_value(spec: ParamSpec, key: Array, config: DecoderConfig) -> Array:
-    """A freshly initialised parameter: N(0, initializer_range) matrices, ones or zeros."""
-    dtype = config.jnp_param_dtype
-    if spec.init == "ones":
-        return jnp.ones(spec.shape, dtype)
-    if spec.init == "zeros":
-        return jnp.zeros(spec.shape, dtype)
-    return (config.initializer_range * jax.random.normal(key, spec.shape, jnp.float32)).astype(dtype)
-
-
-def forward(
+def decoder_forward(
     config: DecoderConfig,
     params: Mapping[str, Array],
     input_ids: Array,
@@ -249,58 +238,3 @@ def forward(
         index = last_token_index(attention_mask)
         x = last_layer_fn(x, jax.tree.map(lambda a: a[full_layers], stacked), index)[:, 0]
     return rms_norm(x, params["norm"], c.rms_norm_eps)
-
-
-class DecoderLayers(nnx.Module):
-    """Container of the stacked per-layer parameters (attribute name = table key)."""
-
-
-class DecoderEncoder(nnx.Module):
-    """A decoder LLM used as a text encoder: token ids -> final hidden states (after final norm).
-
-    Parameters come from ``param_specs(config)``; each ``nnx.Param`` carries ``logical_axes``.
-    The computation is ``forward`` on ``self.params()``, so training code can use the same
-    function on plain parameter pytrees.
-    """
-
-    def __init__(
-        self,
-        config: DecoderConfig,
-        *,
-        rngs: nnx.Rngs,
-        mesh: Mesh | None = None,
-        rules: Rules = DEFAULT_RULES,
-    ):
-        self.config = config
-        self.mesh = mesh
-        self.rules = tuple(rules)
-        self.layers = DecoderLayers()
-        for path, spec in param_specs(config).items():
-            param = nnx.Param(init_param_value(spec, rngs.params(), config),
-                              logical_axes=spec.logical_axes)
-            if path.startswith(LAYER_PREFIX):
-                setattr(self.layers, path[len(LAYER_PREFIX):], param)
-            else:
-                setattr(self, path, param)
-
-    def variable(self, path: str) -> nnx.Param:
-        """The ``nnx.Param`` of a dotted table path (``"layers.q_proj"``)."""
-        owner = self.layers if path.startswith(LAYER_PREFIX) else self
-        return getattr(owner, path.removeprefix(LAYER_PREFIX))
-
-    def params(self) -> dict[str, Array]:
-        """``{dotted path: array}`` for every parameter of the table."""
-        return {path: self.variable(path).get_value() for path in param_specs(self.config)}
-
-    def __call__(
-        self,
-        input_ids: Array,
-        attention_mask: Array,
-        *,
-        project: ProjectFn = default_project,
-        last_token_only: bool = False,
-    ) -> Array:
-        """Final hidden states ``[B, T, hidden]`` for ``input_ids``/``attention_mask [B, T]``
-        (``[B, hidden]`` at each row's last real token with ``last_token_only``)."""
-        return forward(self.config, self.params(), input_ids, attention_mask, mesh=self.mesh,
-                       rules=self.rules, project=project, last_token_only=last_token_only)

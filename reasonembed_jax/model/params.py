@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from reasonembed_jax.model.config import DecoderConfig
@@ -35,6 +37,8 @@ class ParamSpec:
     hf_name: str
     from_hf: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
+    # False: loaded, sharded and exported like the rest, but never updated by training.
+    trainable: bool = True
 
     @property
     def stacked(self) -> bool:
@@ -47,11 +51,11 @@ class ParamSpec:
         return tuple(jax.eval_shape(self.to_hf, jax.ShapeDtypeStruct(layer_shape, np.float32)).shape)
 
 
-def _identity(x: np.ndarray) -> np.ndarray:
+def identity(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _linear(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[Callable, Callable]:
+def linear(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[Callable, Callable]:
     """HF ``[out, in]`` weight <-> our ``[*in_shape, *out_shape]`` kernel."""
     n_in, n_out = int(np.prod(in_shape)), int(np.prod(out_shape))
 
@@ -64,25 +68,44 @@ def _linear(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[Call
     return from_hf, to_hf
 
 
-def _reshape(shape: tuple[int, ...]) -> tuple[Callable, Callable]:
+def reshape(shape: tuple[int, ...]) -> tuple[Callable, Callable]:
     return (lambda w: w.reshape(shape)), (lambda w: w.reshape(-1))
 
 
-def param_specs(config: DecoderConfig) -> dict[str, ParamSpec]:
-    """The parameter table of ``config``, keyed by our dotted parameter path."""
+def param_specs(config: Any) -> dict[str, ParamSpec]:
+    """The parameter table of ``config`` (either family), keyed by our dotted parameter path."""
+    if config.model_type == "bert":
+        from reasonembed_jax.model.bert import bert_param_specs
+
+        return bert_param_specs(config)
+    return decoder_param_specs(config)
+
+
+def init_param_value(spec: ParamSpec, key: jax.Array, config: Any) -> jax.Array:
+    """A freshly initialised parameter: N(0, initializer_range) matrices, ones or zeros."""
+    dtype = config.jnp_param_dtype
+    if spec.init == "ones":
+        return jnp.ones(spec.shape, dtype)
+    if spec.init == "zeros":
+        return jnp.zeros(spec.shape, dtype)
+    return (config.initializer_range * jax.random.normal(key, spec.shape, jnp.float32)).astype(dtype)
+
+
+def decoder_param_specs(config: DecoderConfig) -> dict[str, ParamSpec]:
+    """The parameter table of a decoder (Qwen3 / Qwen2 / Llama) config."""
     c = config
     L, H, M = c.num_layers, c.hidden_size, c.intermediate_size
     N, K, D = c.num_heads, c.num_kv_heads, c.head_dim
     specs: dict[str, ParamSpec] = {
         "embed_tokens": ParamSpec(
             (c.vocab_size, H), ("vocab", "embed"), "normal", "embed_tokens.weight",
-            _identity, _identity,
+            identity, identity,
         ),
-        "norm": ParamSpec((H,), ("norm",), "ones", "norm.weight", _identity, _identity),
+        "norm": ParamSpec((H,), ("norm",), "ones", "norm.weight", identity, identity),
     }
 
     def layer(name: str, shape: tuple[int, ...], axes: tuple[str, ...], init: str, hf: str,
-              convert: tuple[Callable, Callable] = (_identity, _identity)) -> None:
+              convert: tuple[Callable, Callable] = (identity, identity)) -> None:
         specs[LAYER_PREFIX + name] = ParamSpec(
             (L, *shape), ("layers", *axes), init, f"layers.{{layer}}.{hf}", *convert
         )
@@ -91,23 +114,23 @@ def param_specs(config: DecoderConfig) -> dict[str, ParamSpec]:
     layer("post_attention_norm", (H,), ("norm",), "ones", "post_attention_layernorm.weight")
     for name, heads, axis in (("q", N, "q_heads"), ("k", K, "kv_heads"), ("v", K, "kv_heads")):
         layer(f"{name}_proj", (H, heads, D), ("embed", axis, "head_dim"), "normal",
-              f"self_attn.{name}_proj.weight", _linear((H,), (heads, D)))
+              f"self_attn.{name}_proj.weight", linear((H,), (heads, D)))
         if c.attention_bias:
             layer(f"{name}_bias", (heads, D), (axis, "head_dim"), "zeros",
-                  f"self_attn.{name}_proj.bias", _reshape((heads, D)))
+                  f"self_attn.{name}_proj.bias", reshape((heads, D)))
     layer("o_proj", (N, D, H), ("q_heads", "head_dim", "embed"), "normal",
-          "self_attn.o_proj.weight", _linear((N, D), (H,)))
+          "self_attn.o_proj.weight", linear((N, D), (H,)))
     if c.attention_bias and c.model_type != "qwen2":
         layer("o_bias", (H,), ("norm",), "zeros", "self_attn.o_proj.bias")
     if c.qk_norm:
         layer("q_norm", (D,), ("head_dim",), "ones", "self_attn.q_norm.weight")
         layer("k_norm", (D,), ("head_dim",), "ones", "self_attn.k_norm.weight")
     layer("gate_proj", (H, M), ("embed", "mlp"), "normal", "mlp.gate_proj.weight",
-          _linear((H,), (M,)))
+          linear((H,), (M,)))
     layer("up_proj", (H, M), ("embed", "mlp"), "normal", "mlp.up_proj.weight",
-          _linear((H,), (M,)))
+          linear((H,), (M,)))
     layer("down_proj", (M, H), ("mlp", "embed"), "normal", "mlp.down_proj.weight",
-          _linear((M,), (H,)))
+          linear((M,), (H,)))
     if c.mlp_bias:
         layer("gate_bias", (M,), ("mlp",), "zeros", "mlp.gate_proj.bias")
         layer("up_bias", (M,), ("mlp",), "zeros", "mlp.up_proj.bias")

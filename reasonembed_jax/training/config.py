@@ -27,10 +27,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # master weights
     c.model.frozen_dtype = "bfloat16"  # the base weights under LoRA (never updated)
     c.model.dtype = "bfloat16"  # compute
-    c.model.attention = "causal"
+    # "auto": the family's own (causal for decoders, bidirectional for BERT); or either name.
+    c.model.attention = "auto"
     c.model.scan_layers = True
     c.model.remat_policy = "full"  # none | full | dots | save_projections
     c.model.pooling = "last_token"
+    # Train with the HF config's dropout rates (BERT family: hidden and attention dropout, as
+    # model.train() in PyTorch). Decoders have no dropout.
+    c.model.dropout = False
 
     c.lora = ml_collections.ConfigDict()
     c.lora.enabled = True

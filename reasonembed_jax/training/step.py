@@ -21,8 +21,8 @@ from jax.sharding import Mesh
 
 from reasonembed_jax import losses
 from reasonembed_jax.lora import LoraConfig, lora_project, with_dropout_keys
-from reasonembed_jax.model.config import DecoderConfig
-from reasonembed_jax.model.decoder import default_project, forward
+from reasonembed_jax.model.decoder import default_project
+from reasonembed_jax.model.encoder import ModelConfig, forward
 from reasonembed_jax.model.pooling import finish_pooled, pool
 from reasonembed_jax.model.sharding import DEFAULT_RULES, Rules, constrain
 
@@ -35,7 +35,7 @@ LOSS_KINDS = ("infonce", "ri_infonce", "qwen3_masked")
 class StepConfig:
     """Static settings of the compiled step."""
 
-    model: DecoderConfig
+    model: ModelConfig
     loss: str = "ri_infonce"
     temperature: float = 0.02
     kappa: float = 5.0
@@ -44,6 +44,8 @@ class StepConfig:
     # Leave in-batch copies of a query's own positive out of its softmax (needs passage_key).
     mask_duplicate_positives: bool = True
     pooling: str = "last_token"
+    # The model's own dropout in training passes (BERT family; see ``encoder.forward``).
+    dropout: bool = False
     lora: LoraConfig | None = None
     grad_cache: bool = False
     # GradCache: rows per device in one chunk (queries, passages and reasoning queries alike).
@@ -54,6 +56,8 @@ class StepConfig:
     def __post_init__(self) -> None:
         if self.loss not in LOSS_KINDS:
             raise ValueError(f"loss must be one of {LOSS_KINDS}, got '{self.loss}'")
+        if self.dropout and self.model.model_type != "bert":
+            raise ValueError("model.dropout is implemented for the BERT family only")
 
     @property
     def uses_reasoning(self) -> bool:
@@ -76,12 +80,13 @@ def make_embed_fn(cfg: StepConfig, *, train: bool) -> Callable[..., Array]:
             params = with_dropout_keys(params, key, cfg.model.num_layers)
         ids = constrain(ids, ("activation_batch", "activation_length"), cfg.mesh, cfg.rules)
         mask = constrain(mask, ("activation_batch", "activation_length"), cfg.mesh, cfg.rules)
+        dropout_key = key if train and cfg.dropout else None
         if cfg.pooling == "last_token":  # the last layer only needs the pooled position
             pooled = forward(cfg.model, params, ids, mask, mesh=cfg.mesh, rules=cfg.rules,
-                             project=project, last_token_only=True)
+                             project=project, last_token_only=True, dropout_key=dropout_key)
             return finish_pooled(pooled, normalize=True)
         hidden = forward(cfg.model, params, ids, mask, mesh=cfg.mesh, rules=cfg.rules,
-                         project=project)
+                         project=project, dropout_key=dropout_key)
         return pool(hidden, mask, cfg.pooling, normalize=True)
 
     return embed
@@ -180,8 +185,10 @@ def grad_cache_loss_and_grads(
 
     1. embed every chunk without keeping activations; 2. take the loss gradient with respect
     to the embeddings (the full global-batch softmax); 3. re-run each chunk with its embedding
-    gradient as the cotangent and sum the parameter gradients. Each chunk's dropout key is reused
-    in both passes, so the result equals the plain step's.
+    gradient as the cotangent and sum the parameter gradients. Without dropout the result equals
+    the plain step's. With dropout each chunk draws its masks from its own key, reused in both
+    passes, so the gradient is exact for those masks (which differ from the plain step's: it
+    draws one set per role, not per chunk).
     """
     embed = make_embed_fn(cfg, train=True)
     embed_eval = make_embed_fn(cfg, train=False)

@@ -28,9 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from reasonembed_jax import hf_io
 from reasonembed_jax.distributed import to_host
 from reasonembed_jax.lora import LoraConfig, init_lora, lora_param_shapes, merge_lora
-from reasonembed_jax.model.config import DecoderConfig
-from reasonembed_jax.model.decoder import init_param_value
-from reasonembed_jax.model.params import param_specs
+from reasonembed_jax.model.encoder import ModelConfig, checkpoint_has_pooler, config_from_hf
+from reasonembed_jax.model.params import init_param_value, param_specs
 from reasonembed_jax.model.sharding import DEFAULT_RULES, make_mesh, named_sharding
 from reasonembed_jax.tiny_model import shrink_hf_config
 from reasonembed_jax.training.checkpoint import Checkpointer, abstract_like
@@ -57,7 +56,7 @@ class TrainingError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 
 
-def model_config(config: ml_collections.ConfigDict) -> DecoderConfig:
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     m = config.model
     if not m.hf_dir:
         raise TrainingError("config.model.hf_dir is empty: name a local HF folder")
@@ -73,9 +72,16 @@ def model_config(config: ml_collections.ConfigDict) -> DecoderConfig:
                               intermediate=s.get("intermediate"))
         if m.init == "hf":
             raise TrainingError("config.model.shrink only makes sense with model.init='scratch'")
-    return DecoderConfig.from_hf(hf, param_dtype=m.param_dtype, dtype=m.dtype,
-                                 attention=m.attention, scan_layers=m.scan_layers,
-                                 remat_policy=m.remat_policy)
+    runtime = dict(param_dtype=m.param_dtype, dtype=m.dtype, scan_layers=m.scan_layers,
+                   remat_policy=m.remat_policy)
+    if m.attention != "auto":
+        runtime["attention"] = m.attention
+    if hf.get("model_type") == "bert":
+        runtime["with_pooler"] = m.init != "hf" or checkpoint_has_pooler(m.hf_dir)
+    try:
+        return config_from_hf(hf, **runtime)
+    except ValueError as e:
+        raise TrainingError(f"config.model: {e}") from e
 
 
 def lora_config(config: ml_collections.ConfigDict) -> LoraConfig | None:
@@ -85,12 +91,12 @@ def lora_config(config: ml_collections.ConfigDict) -> LoraConfig | None:
                       targets=tuple(config.lora.targets))
 
 
-def param_shardings(cfg: DecoderConfig, mesh: Mesh) -> dict[str, NamedSharding]:
+def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict[str, NamedSharding]:
     return {path: named_sharding(mesh, spec.logical_axes, spec.shape)
             for path, spec in param_specs(cfg).items()}
 
 
-def init_base_params(config: ml_collections.ConfigDict, cfg: DecoderConfig, mesh: Mesh,
+def init_base_params(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh: Mesh,
                      seed: int) -> dict[str, jax.Array]:
     """Base weights: read from the HF folder into their shardings, or random (jit-initialised
     directly in their shardings, never materialised whole on one device)."""
@@ -109,7 +115,15 @@ def init_base_params(config: ml_collections.ConfigDict, cfg: DecoderConfig, mesh
     return jax.jit(init, out_shardings=param_shardings(cfg, mesh))()
 
 
-def init_adapters(cfg: DecoderConfig, lora: LoraConfig, mesh: Mesh, seed: int) -> dict:
+def split_trainable(cfg: ModelConfig, params: dict[str, jax.Array]) -> tuple[dict, dict]:
+    """(trained, frozen) parts of full fine-tuning: table rows marked ``trainable=False`` (BERT's
+    unused pooler) stay constant and are exported as loaded."""
+    specs = param_specs(cfg)
+    trained = {p: v for p, v in params.items() if specs[p].trainable}
+    return trained, {p: v for p, v in params.items() if not specs[p].trainable}
+
+
+def init_adapters(cfg: ModelConfig, lora: LoraConfig, mesh: Mesh, seed: int) -> dict:
     shardings = {path: named_sharding(mesh, axes, shape)
                  for path, (shape, axes) in lora_param_shapes(cfg, lora).items()}
     return jax.jit(lambda: init_lora(cfg, lora, jax.random.key(seed + 1)),
@@ -137,14 +151,14 @@ def count_params(tree: Any) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def step_flops(cfg: DecoderConfig, batch: Mapping[str, Any], *, grad_cache: bool,
+def step_flops(cfg: ModelConfig, batch: Mapping[str, Any], *, grad_cache: bool,
                uses_reasoning: bool) -> float:
     """Model FLOPs of one step: 2 per parameter-token forward (+ attention), x3 with backward,
     +1 forward for GradCache's first pass; reasoning queries run forward only."""
     c = cfg
     per_token = 2 * (c.num_layers * (c.hidden_size * c.head_dim * (c.num_heads + 2 * c.num_kv_heads)
                                      + c.num_heads * c.head_dim * c.hidden_size
-                                     + 3 * c.hidden_size * c.intermediate_size))
+                                     + c.mlp_matrices * c.hidden_size * c.intermediate_size))
 
     def tokens(role: str) -> tuple[float, float]:
         mask = batch[f"{role}_attention_mask"]
@@ -297,7 +311,7 @@ class Trainer:
             kappa=config.loss.kappa, ri_warmup_steps=config.loss.ri_warmup_steps,
             qwen3_margin=config.loss.qwen3_margin,
             mask_duplicate_positives=config.loss.mask_duplicate_positives,
-            pooling=config.model.pooling, lora=self.lora,
+            pooling=config.model.pooling, lora=self.lora, dropout=bool(config.model.dropout),
             grad_cache=config.train.grad_cache,
             chunk_rows_per_device=config.train.grad_cache_chunk, mesh=self.mesh,
             rules=DEFAULT_RULES,
@@ -322,7 +336,7 @@ class Trainer:
         if self.lora is not None:
             trainable, frozen = init_adapters(self.model_cfg, self.lora, self.mesh, seed), base
         else:
-            trainable, frozen = base, {}
+            trainable, frozen = split_trainable(self.model_cfg, base)
         state = {
             "step": jnp.zeros((), jnp.int32),
             "params": trainable,
@@ -335,7 +349,7 @@ class Trainer:
 
     def merged_params(self, state: dict, frozen: dict) -> dict[str, jax.Array]:
         if self.lora is None:
-            return dict(state["params"])
+            return {**frozen, **state["params"]}
         return jax.jit(lambda b, a: merge_lora(b, a, self.lora))(frozen, state["params"])
 
     # -- planning ---------------------------------------------------------------------------
@@ -396,7 +410,7 @@ class Trainer:
                          for p, (shape, _) in lora_param_shapes(self.model_cfg, self.lora).items()}
             frozen = base
         else:
-            trainable, frozen = base, {}
+            trainable, frozen = split_trainable(self.model_cfg, base)
         state = {"step": jnp.zeros((), jnp.int32), "params": trainable,
                  "opt_state": optimizer.init(trainable),
                  "rng": jax.random.key_data(jax.random.key(0))}
