@@ -16,7 +16,6 @@ model's own dropout; AdamW lr 2e-5 (weight decay 0.01 on matrices) with 10% line
 linear decay; gradient clipping at 1.0; mean pooling; 256 tokens.
 """
 
-import os
 
 from reasonembed_jax.data.pipeline import default_data_config
 from reasonembed_jax.training.config import base_config

@@ -131,7 +131,9 @@ class TextEncoder:
             "pooling": pooling or saved.get("pooling", "last_token"),
             "normalize": saved.get("normalize", True) if normalize is None else normalize,
             "append_eos": saved.get("append_eos", False) if append_eos is None else append_eos,
-            "max_length": max_length or saved.get("max_length", 512),
+            # BERT-family models cannot go past their position table.
+            "max_length": max_length or saved.get(
+                "max_length", min(512, getattr(model.config, "max_position_embeddings", 512))),
             "dim": dim,
         }
         eos_id = None

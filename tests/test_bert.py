@@ -606,6 +606,14 @@ def test_trainer_sets_up_a_bert_run(tiny_bert, tmp_path):
     exported = _tensors(out)
     assert sorted(exported) == sorted(original)
     assert all(torch.equal(exported[k], v) for k, v in original.items())
+    # LoRA's default targets (every projection name) mean the projections BERT has; an explicit
+    # gate_proj is refused when the trainer is built, not at the first step.
+    c.lora.enabled = True
+    assert sorted(Trainer(c, str(tmp_path / "lora")).lora.targets) == sorted(BERT_PROJECTIONS)
+    c.lora.targets = ("q_proj", "gate_proj")
+    with pytest.raises(TrainingError, match="gate_proj"):
+        Trainer(c, str(tmp_path / "lora_gate"))
+    c.lora.enabled = False
     c.model.attention = "causal"
     with pytest.raises(TrainingError, match="bidirectional"):
         Trainer(c, str(tmp_path / "causal"))

@@ -34,6 +34,7 @@ from reasonembed_jax.model.sharding import DEFAULT_RULES, Rules, constrain
 
 Array = jax.Array
 BERT_MODEL_TYPES = ("bert",)
+RNG_IMPL = "rbg"
 # HF activation names -> jax functions ("gelu" in HF is the exact erf form).
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -231,7 +232,13 @@ def layer_norm(x: Array, weight: Array, bias: Array, eps: float) -> Array:
 def _dropout(x: Array, rate: float, key: Array | None, salt: int) -> Array:
     if key is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(jax.random.fold_in(key, salt), 1.0 - rate, x.shape)
+    # Masks are drawn with XLA's RngBitGenerator ("rbg" keys seeded from the threefry key): a
+    # [B, heads, T, T] attention mask per layer is the largest random draw of a step, and
+    # threefry is slower to draw it on CPU.
+    seed = jax.random.key_data(jax.random.fold_in(key, salt))
+    bits_key = jax.random.wrap_key_data(jnp.concatenate([seed, seed[::-1] ^ jnp.uint32(0x9E3779B9)]),
+                                        impl=RNG_IMPL)
+    keep = jax.random.bernoulli(bits_key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
@@ -257,12 +264,15 @@ def bert_layer(
                   rules)
     k = constrain(k, ("activation_batch", "activation_length", "activation_heads", None), mesh,
                   rules)
-    logits = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32)
+    # Heads-major batched matmuls: on XLA:CPU this runs ~3x faster than the equivalent
+    # "btnd,bsnd->bnts" einsum (benchmarks/scifact_finetune.py's encode and step times).
+    qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, N, T, D]
+    logits = jnp.matmul(qh, kh.swapaxes(-1, -2), preferred_element_type=jnp.float32)
     logits = logits * (c.head_dim**-0.5)
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     probs = _dropout(probs, c.attention_dropout, dropout_key, 0).astype(v.dtype)
-    attn = jnp.einsum("bnts,bsnd->btnd", probs, v).reshape(b, t, c.num_heads, c.head_dim)
+    attn = jnp.matmul(probs, vh).transpose(0, 2, 1, 3)  # [B, T, N, D]
     out = checkpoint_name(project("o_proj", attn, p, "btnd,ndh->bth") + p["o_bias"], "out_proj")
     out = _dropout(out, c.hidden_dropout, dropout_key, 1)
     x = layer_norm(x + out, p["attention_norm"], p["attention_norm_bias"], c.layer_norm_eps)

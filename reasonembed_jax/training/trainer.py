@@ -27,9 +27,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reasonembed_jax import hf_io
 from reasonembed_jax.distributed import to_host
-from reasonembed_jax.lora import LoraConfig, init_lora, lora_param_shapes, merge_lora
+from reasonembed_jax.lora import PROJECTIONS, LoraConfig, init_lora, lora_param_shapes, merge_lora
 from reasonembed_jax.model.encoder import ModelConfig, checkpoint_has_pooler, config_from_hf
-from reasonembed_jax.model.params import init_param_value, param_specs
+from reasonembed_jax.model.params import LAYER_PREFIX, init_param_value, param_specs
 from reasonembed_jax.model.sharding import DEFAULT_RULES, make_mesh, named_sharding
 from reasonembed_jax.tiny_model import shrink_hf_config
 from reasonembed_jax.training.checkpoint import Checkpointer, abstract_like
@@ -84,11 +84,22 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
         raise TrainingError(f"config.model: {e}") from e
 
 
-def lora_config(config: ml_collections.ConfigDict) -> LoraConfig | None:
+def lora_config(config: ml_collections.ConfigDict, model: ModelConfig) -> LoraConfig | None:
+    """The LoRA settings; the default target list (every projection name) means every projection
+    ``model`` has (BERT has no gate_proj). An explicit list must name existing projections."""
     if not config.lora.enabled:
         return None
-    return LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
-                      targets=tuple(config.lora.targets))
+    targets = tuple(config.lora.targets)
+    if targets == PROJECTIONS:
+        specs = param_specs(model)
+        targets = tuple(t for t in targets if LAYER_PREFIX + t in specs)
+    lora = LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
+                      targets=targets)
+    try:
+        lora_param_shapes(model, lora)
+    except ValueError as e:
+        raise TrainingError(f"config.lora.targets: {e}") from e
+    return lora
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict[str, NamedSharding]:
@@ -302,7 +313,7 @@ class Trainer:
         self.mesh = make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp,
                               tensor=config.mesh.tensor)
         self.model_cfg = model_config(config)
-        self.lora = lora_config(config)
+        self.lora = lora_config(config, self.model_cfg)
         # Under LoRA the base weights are constants: keep them in the (smaller) frozen dtype.
         self.base_cfg = (self.model_cfg.replace(param_dtype=config.model.frozen_dtype)
                          if self.lora is not None else self.model_cfg)
