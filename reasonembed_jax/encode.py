@@ -133,7 +133,7 @@ class TextEncoder:
             "append_eos": saved.get("append_eos", False) if append_eos is None else append_eos,
             # BERT-family models cannot go past their position table.
             "max_length": max_length or saved.get(
-                "max_length", min(512, getattr(model.config, "max_position_embeddings", 512))),
+                "max_length", min(512, model.config.max_position_embeddings)),
             "dim": dim,
         }
         eos_id = None

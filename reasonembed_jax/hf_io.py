@@ -331,6 +331,13 @@ def export_hf(
 
 
 _ST_POOLING = {"last_token": "lasttoken", "mean": "mean", "first_token": "cls"}
+# The boolean key of each sentence-transformers pooling mode in ``1_Pooling/config.json`` (what
+# every release, 3.x to 6.x, understands).
+_ST_MODE_KEYS = {
+    "cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens",
+    "max": "pooling_mode_max_tokens", "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens",
+    "weightedmean": "pooling_mode_weightedmean_tokens", "lasttoken": "pooling_mode_lasttoken",
+}
 
 
 def _write_sentence_transformers_files(
@@ -354,11 +361,8 @@ def _write_sentence_transformers_files(
     os.makedirs(os.path.join(out_dir, "1_Pooling"), exist_ok=True)
     mode = _ST_POOLING[pooling]
     pooling_cfg = {"word_embedding_dimension": dim, "include_prompt": True}
-    # The boolean keys are what every sentence-transformers release (3.x to 6.x) understands.
-    for key, value in (("cls_token", "cls"), ("mean_tokens", "mean"), ("max_tokens", "max"),
-                       ("mean_sqrt_len_tokens", "mean_sqrt_len_tokens"),
-                       ("weightedmean_tokens", "weightedmean"), ("lasttoken", "lasttoken")):
-        pooling_cfg[f"pooling_mode_{key}"] = value == mode
+    for st_mode, key in _ST_MODE_KEYS.items():
+        pooling_cfg[key] = st_mode == mode
     with open(os.path.join(out_dir, "1_Pooling", "config.json"), "w") as f:
         json.dump(pooling_cfg, f, indent=2)
     prompts = {"document": ""}
@@ -393,13 +397,11 @@ def _sentence_transformers_settings(model_dir: str) -> dict[str, Any]:
         cfg_path = os.path.join(model_dir, pooling.get("path", ""), "config.json")
         with open(cfg_path) as f:
             cfg = json.load(f)
-        mode = cfg.get("pooling_mode") or next(
-            (ours for ours, st in _ST_POOLING.items()
-             if cfg.get({"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens",
-                         "lasttoken": "pooling_mode_lasttoken"}[st])), None)
-        mode = {"cls": "first_token", "lasttoken": "last_token"}.get(mode, mode)
-        if mode not in _ST_POOLING:
-            raise ValueError(f"{cfg_path}: pooling '{mode or cfg}' is not supported (choose a "
+        st_mode = cfg.get("pooling_mode") or next(
+            (m for m, key in _ST_MODE_KEYS.items() if cfg.get(key)), None)
+        mode = next((ours for ours, st in _ST_POOLING.items() if st == st_mode), None)
+        if mode is None:
+            raise ValueError(f"{cfg_path}: pooling '{st_mode or cfg}' is not supported (choose a "
                              f"model with one of {sorted(_ST_POOLING.values())})")
         settings["pooling"] = mode
     bert_cfg = os.path.join(model_dir, "sentence_bert_config.json")

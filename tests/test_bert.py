@@ -36,6 +36,7 @@ from reasonembed_jax.training.step import (
     plain_loss_and_grads,
 )
 from reasonembed_jax.training.trainer import split_trainable
+from train_configs import random_batch
 
 BERT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
 # Uneven lengths: one full row, one single token, two in between (width 20).
@@ -422,22 +423,6 @@ def test_minilm_hidden_states_match_transformers(minilm_dir, minilm_encoder):
 # ---------------------------------------------------------------------------------------------
 
 
-def _batch(b, g, t, seed):
-    """Left-padded random query / passage / reasoning rows (ids < 300, pad 0)."""
-    rng = np.random.default_rng(seed)
-
-    def rows(n):
-        ids = rng.integers(1, 300, (n, t)).astype(np.int32)
-        lengths = rng.integers(3, t + 1, n)
-        mask = (np.arange(t)[None] >= (t - lengths)[:, None]).astype(np.int32)
-        return ids * mask, mask
-
-    out = {}
-    for role, n in (("query", b), ("passage", b * g), ("reasoning", b)):
-        out[f"{role}_input_ids"], out[f"{role}_attention_mask"] = rows(n)
-    return out
-
-
 def _train(path, mesh, *, dropout, steps=3):
     """``steps`` full fine-tuning steps (mean pooling, RI-InfoNCE) on ``mesh``."""
     model = hf_io.load_encoder(path, mesh=mesh)
@@ -456,7 +441,7 @@ def _train(path, mesh, *, dropout, steps=3):
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     losses = []
     for i in range(steps):
-        batch = {k: jax.device_put(v, rows) for k, v in _batch(8, 2, 12, i).items()}
+        batch = {k: jax.device_put(v, rows) for k, v in random_batch(8, 2, 12, i).items()}
         state, metrics = step_fn(state, frozen, batch)
         assert int(metrics["skipped"]) == 0
         losses.append(float(metrics["loss"]))
@@ -493,7 +478,7 @@ def test_dropout_changes_the_loss_and_is_deterministic(tiny_bert):
     _, path = tiny_bert
     model = hf_io.load_encoder(path)
     trainable, frozen = split_trainable(model.config, model.params())
-    batch = _batch(4, 2, 12, 0)
+    batch = random_batch(4, 2, 12, 0)
     step = jnp.asarray(3)
 
     compiled = {}
@@ -534,7 +519,7 @@ def test_grad_cache_with_dropout_equals_autodiff_through_the_same_masks(tiny_ber
     model = hf_io.load_encoder(path, mesh=mesh)
     trainable, frozen = split_trainable(model.config, model.params())
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-    host = _batch(4, 2, 8, 5)  # per shard: 2 queries (1 chunk), 4 passages (2 chunks)
+    host = random_batch(4, 2, 8, 5)  # per shard: 2 queries (1 chunk), 4 passages (2 chunks)
     batch = {k: jax.device_put(v, rows) for k, v in host.items()}
     cfg = StepConfig(model=model.config, loss="ri_infonce", ri_warmup_steps=0, pooling="mean",
                      dropout=True, grad_cache=True, chunk_rows_per_device=chunk_rows, mesh=mesh)
@@ -650,7 +635,7 @@ def test_lora_on_bert_trains_one_step_and_merges(tiny_bert):
     state = {"step": jnp.asarray(0), "params": adapters, "opt_state": optimizer.init(adapters),
              "rng": jax.random.key_data(jax.random.key(1))}
     new, metrics = _jit(make_train_step(step_cfg, optimizer, lambda s: 1e-2))(
-        state, base, _batch(4, 2, 12, 0))
+        state, base, random_batch(4, 2, 12, 0))
     assert int(metrics["skipped"]) == 0 and np.isfinite(float(metrics["loss"]))
     assert set(new["params"]) == set(adapters)
     for name in BERT_PROJECTIONS:

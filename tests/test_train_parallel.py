@@ -17,7 +17,7 @@ from reasonembed_jax.training.step import (
     plain_loss_and_grads,
 )
 from reasonembed_jax.training.trainer import NanGuard, Trainer, TrainingError, memory_report
-from train_configs import tiny_train_config
+from train_configs import random_batch, tiny_train_config
 
 
 def _rel(a, b):
@@ -61,27 +61,12 @@ def _tiny_model_config():
     return DecoderConfig.from_hf(hf)
 
 
-def _batch(b, g, t, seed):
-    rng = np.random.default_rng(seed)
-
-    def rows(n):
-        ids = rng.integers(1, 300, (n, t)).astype(np.int32)
-        lengths = rng.integers(3, t + 1, n)
-        mask = (np.arange(t)[None] >= (t - lengths)[:, None]).astype(np.int32)
-        return ids * mask, mask
-
-    out = {}
-    for role, n in (("query", b), ("passage", b * g), ("reasoning", b)):
-        out[f"{role}_input_ids"], out[f"{role}_attention_mask"] = rows(n)
-    return out
-
-
 def test_grad_cache_equals_plain_gradients_and_saves_memory():
     cfg = _tiny_model_config()
     mesh = make_mesh(data=8)
     params = Encoder(cfg, rngs=nnx.Rngs(0)).params()
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-    batch = {k: jax.device_put(v, rows) for k, v in _batch(16, 4, 12, 0).items()}
+    batch = {k: jax.device_put(v, rows) for k, v in random_batch(16, 4, 12, 0).items()}
     plain_cfg = StepConfig(model=cfg, loss="ri_infonce", ri_warmup_steps=0, mesh=mesh)
     gc_cfg = StepConfig(model=cfg, loss="ri_infonce", ri_warmup_steps=0, mesh=mesh, grad_cache=True,
                         chunk_rows_per_device=2)
@@ -103,7 +88,7 @@ def test_grad_cache_equals_plain_gradients_and_saves_memory():
     for label, c in (("plain", plain_cfg), ("gradcache", gc_cfg)):
         fn = jax.jit(make_train_step(c, optimizer, lambda s: 1e-3))
         for mult in (1, 4):
-            b = {k: jax.device_put(v, rows) for k, v in _batch(16 * mult, 4, 64, 1).items()}
+            b = {k: jax.device_put(v, rows) for k, v in random_batch(16 * mult, 4, 64, 1).items()}
             state = {"step": step, "params": params, "opt_state": optimizer.init(params), "rng": rng}
             peaks[label, mult] = memory_report(fn.lower(state, {}, b).compile())["temp_gib"]
     growth = {k: peaks[k, 4] / peaks[k, 1] for k in ("plain", "gradcache")}
@@ -122,7 +107,7 @@ def test_non_finite_step_is_skipped():
     state = {"step": jnp.asarray(0), "params": params, "opt_state": optimizer.init(params),
              "rng": jax.random.key_data(jax.random.key(0))}
     step_fn = jax.jit(make_train_step(StepConfig(model=cfg, loss="infonce"), optimizer, lambda s: 1e-3))
-    new, metrics = step_fn(state, {}, _batch(4, 2, 8, 3))
+    new, metrics = step_fn(state, {}, random_batch(4, 2, 8, 3))
     assert int(metrics["skipped"]) == 1 and not np.isfinite(float(metrics["loss"]))
     assert int(new["step"]) == 1
     for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(params), strict=True):

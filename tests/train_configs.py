@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
+
+import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config_file(name: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    from reasonembed_jax.training import config
+
+    return config.load_config_file(f"{ROOT / 'configs' / name}.py" + (f":{arg}" if arg else ""))
+
+
+def random_batch(b: int, g: int, t: int, seed: int) -> dict[str, np.ndarray]:
+    """Left-padded random query / passage / reasoning rows (ids < 300, pad 0): ``b`` queries,
+    ``b * g`` passages, width ``t``."""
+    rng = np.random.default_rng(seed)
+
+    def rows(n):
+        ids = rng.integers(1, 300, (n, t)).astype(np.int32)
+        lengths = rng.integers(3, t + 1, n)
+        mask = (np.arange(t)[None] >= (t - lengths)[:, None]).astype(np.int32)
+        return ids * mask, mask
+
+    out = {}
+    for role, n in (("query", b), ("passage", b * g), ("reasoning", b)):
+        out[f"{role}_input_ids"], out[f"{role}_attention_mask"] = rows(n)
+    return out
 
 
 def tiny_train_config(*, steps: int = 5, devices: int = 8, domains: tuple[str, ...] = ("biology",),

@@ -17,8 +17,6 @@ batch. Token types are all 0 (single-segment encoding, what sentence-transformer
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,7 +25,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
-from reasonembed_jax.model.config import REMAT_POLICIES, resolve_dtype
+from reasonembed_jax.model.config import REMAT_POLICIES, RuntimeFields, resolve_dtype
 from reasonembed_jax.model.decoder import remat_policy
 from reasonembed_jax.model.params import LAYER_PREFIX, ParamSpec, identity, linear, reshape
 from reasonembed_jax.model.sharding import DEFAULT_RULES, Rules, constrain
@@ -46,7 +44,7 @@ ACTIVATIONS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(RuntimeFields):
     """Architecture of a BERT-style encoder plus run-time choices (dtypes, remat, dropout).
 
     ``hf_config`` keeps the original dict so export writes back every field we do not model.
@@ -109,17 +107,6 @@ class BertConfig:
     mlp_matrices = 2  # up and down (no gate)
     padding_side = "right"  # what HF BertModel's default positions need (see export)
 
-    def replace(self, **changes: Any) -> BertConfig:
-        return dataclasses.replace(self, **changes)
-
-    @property
-    def jnp_dtype(self) -> Any:
-        return resolve_dtype(self.dtype)
-
-    @property
-    def jnp_param_dtype(self) -> Any:
-        return resolve_dtype(self.param_dtype)
-
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **runtime: Any) -> BertConfig:
         """Builds the config from an HF BERT ``config.json`` dict."""
@@ -145,11 +132,6 @@ class BertConfig:
             hf_config=dict(hf),
             **runtime,
         )
-
-    @classmethod
-    def from_hf_dir(cls, path: str | os.PathLike, **runtime: Any) -> BertConfig:
-        with open(os.path.join(os.fspath(path), "config.json")) as f:
-            return cls.from_hf(json.load(f), **runtime)
 
     def to_hf(self, *, torch_dtype: str | None = None) -> dict[str, Any]:
         """The HF config dict of the base model (``BertModel``) for export."""

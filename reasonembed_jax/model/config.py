@@ -33,8 +33,23 @@ def resolve_dtype(name: str | Any) -> Any:
     return jnp.dtype(name)
 
 
+class RuntimeFields:
+    """What every family's config dataclass shares: ``replace`` and the resolved dtypes."""
+
+    def replace(self, **changes: Any) -> Any:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def jnp_dtype(self) -> Any:
+        return resolve_dtype(self.dtype)
+
+    @property
+    def jnp_param_dtype(self) -> Any:
+        return resolve_dtype(self.param_dtype)
+
+
 @dataclasses.dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(RuntimeFields):
     """Architecture of a decoder backbone plus run-time choices (dtypes, attention, remat).
 
     Architecture fields mirror the HF config; ``hf_config`` keeps the original dict so export writes
@@ -93,17 +108,6 @@ class DecoderConfig:
 
     mlp_matrices = 3  # gate, up and down (SwiGLU)
     padding_side = "left"  # exported tokenizers pad left (last-token pooling reads the end)
-
-    def replace(self, **changes: Any) -> DecoderConfig:
-        return dataclasses.replace(self, **changes)
-
-    @property
-    def jnp_dtype(self) -> Any:
-        return resolve_dtype(self.dtype)
-
-    @property
-    def jnp_param_dtype(self) -> Any:
-        return resolve_dtype(self.param_dtype)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **runtime: Any) -> DecoderConfig:

@@ -7,11 +7,24 @@ error naming it (the dict is locked).
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
 from reasonembed_jax.data.pipeline import default_data_config
 from reasonembed_jax.lora import PROJECTIONS
+
+
+def load_config_file(spec: str | os.PathLike) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of a config file given as ``path[:arg]`` (the ``--config`` syntax)."""
+    path, _, arg = os.fspath(spec).partition(":")
+    module_spec = importlib.util.spec_from_file_location(
+        f"config_{os.path.splitext(os.path.basename(path))[0]}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
 
 
 def base_config() -> ml_collections.ConfigDict:

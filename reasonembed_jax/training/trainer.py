@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from reasonembed_jax import hf_io
 from reasonembed_jax.distributed import to_host
 from reasonembed_jax.lora import PROJECTIONS, LoraConfig, init_lora, lora_param_shapes, merge_lora
-from reasonembed_jax.model.encoder import ModelConfig, checkpoint_has_pooler, config_from_hf
+from reasonembed_jax.model.encoder import ModelConfig, config_from_hf, config_from_hf_dir
 from reasonembed_jax.model.params import LAYER_PREFIX, init_param_value, param_specs
 from reasonembed_jax.model.sharding import DEFAULT_RULES, make_mesh, named_sharding
 from reasonembed_jax.tiny_model import shrink_hf_config
@@ -76,10 +76,10 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
                    remat_policy=m.remat_policy)
     if m.attention != "auto":
         runtime["attention"] = m.attention
-    if hf.get("model_type") == "bert":
-        runtime["with_pooler"] = m.init != "hf" or checkpoint_has_pooler(m.hf_dir)
     try:
-        return config_from_hf(hf, **runtime)
+        # From the folder when its weights are loaded: the family may read them (BERT's pooler).
+        return config_from_hf_dir(m.hf_dir, **runtime) if m.init == "hf" else config_from_hf(
+            hf, **runtime)
     except ValueError as e:
         raise TrainingError(f"config.model: {e}") from e
 
