@@ -534,7 +534,8 @@ def embed_corpus(ctx: Context, backend: Backend, docs: Sequence[Mapping[str, Any
 
 def run_candidates(ctx: Context) -> dict[str, Any] | None:
     """Stage 3: embed queries (``Instruct: ...\\nQuery: ...``) and corpus, keep the top-k corpus
-    documents per query, never the query's own source document nor a text equal to the query."""
+    documents per query, never the query's own source document, any other document with the
+    same (normalised) text as the source, nor a text equal to the query."""
     from reasonembed_jax.text import format_query
 
     cfg = ctx.config["mining"]
@@ -571,13 +572,22 @@ def run_candidates(ctx: Context) -> dict[str, Any] | None:
             if error is not None:
                 stats["dropped_query_embed_failed"] += 1
                 continue
-            exclude = list(by_text.get(P.normalize_for_dedup(q["query"]), []))
+            exclude = set(by_text.get(P.normalize_for_dedup(q["query"]), []))
             stats["excluded_identical_text"] += len(exclude)
             if q["source_id"] in index_of:
-                exclude.append(index_of[q["source_id"]])
+                exclude.add(index_of[q["source_id"]])
                 stats["excluded_source"] += 1
             else:
                 stats["source_not_in_corpus"] += 1
+            # every copy of the source text, whatever its id (the corpus is keyed by text)
+            source_text = q.get("source_text")
+            if source_text is None and q["source_id"] in index_of:
+                source_text = docs[index_of[q["source_id"]]]["text"]
+            copies = set(by_text.get(P.normalize_for_dedup(source_text), [])
+                         if source_text else []) - exclude
+            stats["excluded_source_text_copies"] += len(copies)
+            exclude |= copies
+            exclude = sorted(exclude)
             rng = np.random.default_rng(
                 int(fingerprint([ctx.config["seed"], "pad", q["id"]]), 16) % 2**63)
             picked = top_k_candidates(scores[row], exclude, usable, top_k, cfg["min_score"],
@@ -594,7 +604,9 @@ def run_candidates(ctx: Context) -> dict[str, Any] | None:
 
     return _run_sharded("candidates", ctx, queries, process,
                         {"cfg": cfg, "corpus": fingerprint([d["id"] for d in docs]),
-                         "instruction": ctx.domain.instruction}, model=cfg["model"])
+                         "instruction": ctx.domain.instruction,
+                         "excluded": "source id, source text copies, query text"},
+                        model=cfg["model"])
 
 
 # ------------------------------------------------------------------------------ stage 4

@@ -249,6 +249,34 @@ def test_candidates_exclude_source_and_identical_texts(tmp_path):
     assert (tmp_path / "work" / "candidates" / "corpus_embeddings" / "chunk-00000.npy").exists()
 
 
+def test_candidates_exclude_copies_of_the_source_text(tmp_path):
+    """A copy of the source text under another id (different case and spacing) is as trivial a
+    positive as the source itself: mining must never return it."""
+    docs = make_corpus(tmp_path / "corpus.jsonl")
+    planted = {"_id": "planted-copy", "title": "TITLE 7",
+               "text": "  " + docs[7]["text"].upper().replace(" ", "   ") + "\n"}
+    make_corpus(tmp_path / "corpus.jsonl", extra=[planted])
+    backend = scripted()  # queries: "Why does <first 12 words of the source>?"
+    ctx = make_ctx(tmp_path, backend, ["sources.sample_size=30"])
+    S.run_sources(ctx)  # the planted copy is a duplicate text there, so d7 stays the source
+    S.run_queries(ctx)
+    summary = S.run_candidates(ctx)
+    mined = {q["source_id"]: q for q in read_jsonl(ctx.final_path("candidates"))}
+    corpus = {d["id"]: d["text"] for d in S.load_corpus(tmp_path / "corpus.jsonl")}
+    assert P.normalize_for_dedup(corpus["planted-copy"]) == P.normalize_for_dedup(corpus["d7"])
+    assert "d7" in mined and mined["d7"]["query"] != corpus["d7"]
+    # without the exclusion the copy is the best match (its embedding equals the source's)
+    emb = bag_of_words_embed([corpus["d7"], corpus["planted-copy"], mined["d7"]["query"]])
+    assert np.allclose(emb[0], emb[1])
+    for source_id, q in mined.items():
+        source_key = P.normalize_for_dedup(corpus[source_id])
+        assert all(P.normalize_for_dedup(c["text"]) != source_key for c in q["candidates"])
+        assert source_id not in [c["doc_id"] for c in q["candidates"]]
+    assert "planted-copy" not in [c["doc_id"] for c in mined["d7"]["candidates"]]
+    assert len(mined["d7"]["candidates"]) == 5
+    assert summary["excluded_source_text_copies"] == 1
+
+
 class EmbedCrash(Exception):
     pass
 
