@@ -16,6 +16,7 @@ import pytest
 from reasonembed_jax.data import build_pipeline, iterator_state_to_bytes, restore_iterator_state
 from reasonembed_jax.data.pipeline import DEMO_DATA_DIR, demo_data_config
 from reasonembed_jax.data.sources import write_array_record
+from reasonembed_jax.instructions import task_instruction
 from reasonembed_jax.text import format_query, load_tokenizer
 
 NUM_DEVICES = 2
@@ -289,4 +290,4 @@ def test_shipped_demo_data(qwen3_tokenizer_dir, tokenizer):
         d = pipe.domains[int(batch["domain_index"])]
         assert batch["passage_input_ids"].shape[0] == d.group_size * d.batch_size * 8
         text = tokenizer.decode(batch["query_input_ids"][0], skip_special_tokens=True)
-        assert text.startswith("Instruct: Given a ") and "\nQuery: " in text
+        assert text.startswith(f"Instruct: {task_instruction(d.name)}\nQuery: ")

@@ -34,21 +34,14 @@ from typing import Any
 import numpy as np
 
 from reasonembed_jax.data import mining
+from reasonembed_jax.instructions import task_instruction
 from reasonembed_jax.records import dump_record, validate_record
 
 log = logging.getLogger(__name__)
 
-# BRIGHT tasks with a real gold_answer passage, and the names their instructions use.
-BRIGHT_TASK_NAMES = {
-    "biology": "Biology",
-    "earth-science": "Earth Science",
-    "economics": "Economics",
-    "psychology": "Psychology",
-    "robotics": "Robotics",
-    "stackoverflow": "Stack Overflow",
-    "sustainable-living": "Sustainable Living",
-}
-BRIGHT_INSTRUCTION = "Given a {task} post, retrieve relevant passages that help answer the post"
+# BRIGHT tasks with a real gold_answer passage (their instructions: reasonembed_jax.instructions).
+BRIGHT_GOLD_ANSWER_TASKS = ("biology", "earth-science", "economics", "psychology", "robotics",
+                            "stackoverflow", "sustainable-living")
 
 
 def _open_text(path: str, mode: str = "rt"):  # noqa: ANN202
@@ -291,14 +284,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--bright-dir", required=True, help="folder holding examples/<task>.jsonl.gz")
     b.add_argument("--out-dir", required=True, help="writes <domain>.jsonl.gz here")
-    b.add_argument("--tasks", default=",".join(BRIGHT_TASK_NAMES),
+    b.add_argument("--tasks", default=",".join(BRIGHT_GOLD_ANSWER_TASKS),
                    help="comma-separated tasks (default: every task with gold answers)")
     b.add_argument("--max-queries", type=int, default=None, help="records per task at most")
     b.add_argument("--reasoning-mode", choices=("reasoning", "query+reasoning"),
                    default="reasoning", help="reasoning_query = the reasoning field alone, or "
                                              "the query followed by it")
-    b.add_argument("--instruction", default=BRIGHT_INSTRUCTION,
-                   help="instruction template, {task} = the task's display name")
+    b.add_argument("--instruction", default=None,
+                   help="the records' prompt for every task (default: each task's instruction "
+                        "from reasonembed_jax.instructions)")
     _add_mining_args(b, num_negatives=7)
 
     e = sub.add_parser("beir", help="records from a BEIR-layout dataset with mined negatives")
@@ -308,6 +302,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     e.add_argument("--out", required=True, help="output .jsonl or .jsonl.gz")
     e.add_argument("--domain", required=True, help="domain name written into every record")
     e.add_argument("--instruction", default="", help="the records' prompt (query instruction)")
+    e.add_argument("--table-instruction", action="store_true",
+                   help="the records' prompt is the --domain's instruction from "
+                        "reasonembed_jax.instructions (instead of --instruction)")
     e.add_argument("--negatives", choices=("bm25", "embedder"), default="bm25")
     e.add_argument("--embedder", default=None,
                    help="local HF model folder for --negatives embedder (TextEncoder)")
@@ -326,12 +323,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         total = 0
         for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
             path = os.path.join(args.bright_dir, "examples", f"{task}.jsonl.gz")
-            display = BRIGHT_TASK_NAMES.get(task, task.replace("-", " ").title())
             records, skipped = build_bright_records(
                 read_jsonl(path), task, num_negatives=args.num_negatives,
                 max_queries=args.max_queries, max_chars=args.max_chars, filter_name=args.filter,
                 perc=args.perc, margin=args.margin, reasoning_mode=args.reasoning_mode,
-                instruction=args.instruction.format(task=display), seed=args.seed)
+                instruction=(task_instruction(task) if args.instruction is None
+                             else args.instruction), seed=args.seed)
             if not records:
                 log.warning("%s: no usable example (%s)", task, skipped)
                 continue
@@ -350,7 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         embedder = TextEncoder.from_pretrained(args.embedder, max_length=args.embedder_max_length)
     records, skipped = build_beir_records(
-        queries, corpus, qrels, domain=args.domain, instruction=args.instruction,
+        queries, corpus, qrels, domain=args.domain,
+        instruction=task_instruction(args.domain) if args.table_instruction else args.instruction,
         negatives=args.negatives, embedder=embedder, num_negatives=args.num_negatives,
         depth=args.depth, filter_name=args.filter, perc=args.perc, margin=args.margin,
         sample_from_top=args.sample_from_top, max_chars=args.max_chars, seed=args.seed)

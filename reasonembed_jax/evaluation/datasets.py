@@ -26,42 +26,17 @@ import os
 import pathlib
 from collections.abc import Iterator, Mapping, Sequence
 
+from reasonembed_jax.instructions import BRIGHT_TASKS, task_instruction
+
 logger = logging.getLogger(__name__)
-
-BRIGHT_TASKS: tuple[str, ...] = (
-    "biology", "earth_science", "economics", "psychology", "robotics", "stackoverflow",
-    "sustainable_living", "leetcode", "pony", "aops", "theoremqa_questions", "theoremqa_theorems",
-)
-
-# Short per-task query instructions (ReasonEmbed's BRIGHT protocol): (domain, item, retrieved).
-_BRIGHT_INSTRUCTION_PARTS: dict[str, tuple[str, str, str]] = {
-    "biology": ("a Biology", "post", "passages"),
-    "earth_science": ("an Earth Science", "post", "passages"),
-    "economics": ("an Economics", "post", "passages"),
-    "psychology": ("a Psychology", "post", "passages"),
-    "robotics": ("a Robotics", "post", "passages"),
-    "stackoverflow": ("a Stack Overflow", "post", "passages"),
-    "sustainable_living": ("a Sustainable Living", "post", "passages"),
-    "leetcode": ("a Coding", "problem", "examples"),
-    "pony": ("a Pony", "question", "passages"),
-    "aops": ("a Math", "problem", "examples"),
-    "theoremqa_questions": ("a Math", "problem", "examples"),
-    "theoremqa_theorems": ("a Math", "problem", "theorems"),
-}
 
 _NO_REASONING = {"", "empty", "n/a"}
 
 
 def bright_instruction(task: str, long_documents: bool = False) -> str:
-    """``Given {domain} {item}, retrieve relevant {target} that help answer the {item}.``
-
-    With long documents the stack-exchange and pony tasks retrieve "documents" instead of
-    "passages" (the long-document setting exists only for those tasks).
-    """
-    domain, item, target = _BRIGHT_INSTRUCTION_PARTS[canonical_bright_task(task)]
-    if long_documents and target == "passages":
-        target = "documents"
-    return f"Given {domain} {item}, retrieve relevant {target} that help answer the {item}."
+    """The task's short query instruction (ReasonEmbed's BRIGHT protocol), from the one table in
+    ``reasonembed_jax.instructions``; with long documents "passages" become "documents"."""
+    return task_instruction(canonical_bright_task(task), long_documents)
 
 
 @dataclasses.dataclass

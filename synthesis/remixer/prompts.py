@@ -64,8 +64,27 @@ class Domain:
     batch_size: int | None
 
 
+def domain_instruction(key: str, entry: Mapping[str, Any]) -> str:
+    """The record prompt (query instruction) of a domain: the project's one table
+    (``reasonembed_jax.instructions``) for a task it knows; a domain it does not know (in a
+    user's own domains file) must give its ``instruction``."""
+    from reasonembed_jax.instructions import TASKS, task_instruction
+
+    if key in TASKS:
+        if "instruction" in entry:
+            raise PromptError(f"domain '{key}': its instruction comes from "
+                              "reasonembed_jax/instructions.py; remove 'instruction' from the "
+                              "domains file")
+        return task_instruction(key)
+    if not isinstance(entry.get("instruction"), str) or not entry["instruction"].strip():
+        raise PromptError(f"domain '{key}' is not in reasonembed_jax/instructions.py: give it an "
+                          "'instruction' in the domains file")
+    return entry["instruction"]
+
+
 def load_domain(key: str, domains_file: str | pathlib.Path | None = None) -> Domain:
-    """Resolves a domain from ``domains.json`` (or another file of the same layout)."""
+    """Resolves a domain from ``domains.json`` (or another file of the same layout); its
+    instruction from ``domain_instruction``."""
     data = json.loads(pathlib.Path(domains_file or DOMAINS_FILE).read_text(encoding="utf-8"))
     domains = data["domains"]
     if key not in domains:
@@ -78,7 +97,7 @@ def load_domain(key: str, domains_file: str | pathlib.Path | None = None) -> Dom
     return Domain(
         key=key,
         name=name,
-        instruction=merged["instruction"],
+        instruction=domain_instruction(key, entry),
         description=sub(merged["description"]),
         task=sub(merged["task"]),
         relevance=sub(merged["relevance"]),

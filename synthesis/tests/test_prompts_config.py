@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from reasonembed_jax.instructions import task_instruction
 from remixer import prompts as P
 from remixer.config import DEFAULT_CONFIG, ConfigError, load_config
 
@@ -46,9 +47,26 @@ def test_every_domain_fills_every_prompt():
             assert "{{" not in text and "{name}" not in text, (key, text)
         assert "PASSAGE-2" in texts[1] and d.task in texts[1]
         assert "QUERY-3" in texts[2] and "DOC-3" in texts[2] and d.relevance in texts[2]
-        assert d.instruction.startswith("Given a")
+        assert d.instruction == task_instruction(key)  # the project's one table
+    assert P.load_domain("earth_science").instruction.startswith("Given an Earth Science post")
     with pytest.raises(P.PromptError, match="unknown domain"):
         P.load_domain("no-such-domain")
+
+
+def test_domains_file_instruction_only_for_domains_the_table_lacks(tmp_path):
+    data = json.loads(P.DOMAINS_FILE.read_text())
+    data["domains"]["nfcorpus"] = {"kind": "science", "name": "nutrition",
+                                   "instruction": "Given a question, retrieve relevant documents."}
+    data["domains"]["novel"] = {"kind": "science", "name": "nothing"}
+    data["domains"]["biology"]["instruction"] = "Given a Biology post, find things."
+    path = tmp_path / "domains.json"
+    path.write_text(json.dumps(data))
+    assert P.load_domain("nfcorpus", path).instruction == "Given a question, retrieve relevant " \
+        "documents."
+    with pytest.raises(P.PromptError, match="give it an 'instruction'"):
+        P.load_domain("novel", path)
+    with pytest.raises(P.PromptError, match="remove 'instruction' from the domains file"):
+        P.load_domain("biology", path)
 
 
 def test_query_prompt_carries_conditions():
