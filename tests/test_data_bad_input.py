@@ -42,7 +42,7 @@ CASES = [
      "field 'query' must be a string, got list", {}),
     ("over-long text", bad_json(pos=["x" * 300]), "too_long",
      "field 'pos[0]' has 300 characters, more than 200", {"max_chars": 200}),
-    ("missing reasoning query", bad_json(reasoning_query=KeyError), "missing_field",
+    ("missing reasoning query", bad_json(reasoning_query=KeyError), "missing_reasoning_query",
      "missing field 'reasoning_query'", {"require_reasoning_query": True}),
     ("not an object", "[1, 2, 3]", "wrong_type", "record must be a JSON object, got list", {}),
     ("scores do not match texts", bad_json(neg_scores=[0.1]), "length_mismatch",
@@ -130,3 +130,40 @@ def test_pipeline_counts_or_stops(tmp_path, qwen3_tokenizer_dir):
     with pytest.raises(ValueError, match="no valid training record"):
         build_pipeline({**cfg, "sources": (write_lines(tmp_path / "x.jsonl", ["{"]),)},
                        process_index=0, process_count=1)
+
+
+def test_records_without_reasoning_query_are_counted_then_skipped_or_kept(tmp_path,
+                                                                          qwen3_tokenizer_dir):
+    """RI-InfoNCE data where some reasoning-query calls failed: never dropped silently."""
+    from reasonembed_jax.data.pipeline import _cached_tokenizer
+
+    lines = [good(i) if i % 3 else bad_json(query=f"question {i}", reasoning_query=KeyError)
+             for i in range(12)]  # records 0, 3, 6, 9 have no reasoning query
+    path = write_lines(tmp_path / "dom.jsonl", lines)
+    cfg = {"sources": (path,), "tokenizer": str(qwen3_tokenizer_dir), "num_devices": 1,
+           "batch_size": 4, "group_size": 2, "use_reasoning_query": True,
+           "return_record_index": True, "append_eos": False}
+    skip = build_pipeline(cfg, process_index=0, process_count=1)
+    assert skip.stats.bad_counts == {"missing_reasoning_query": 4}
+    assert skip.stats.as_metrics()["data/records_skipped/missing_reasoning_query"] == 4.0
+    assert skip.stats.num_valid == 8 and skip.steps_per_epoch == 2
+    keep = build_pipeline({**cfg, "missing_reasoning_query": "query"}, process_index=0,
+                          process_count=1)
+    assert keep.stats.num_bad == 0 and keep.stats.num_valid == 12
+    assert keep.stats.as_metrics()["data/records_without_reasoning_query"] == 4.0
+    assert "(4 without a reasoning query)" in keep.stats.summary()
+    assert keep.steps_per_epoch == 3
+    tok, _ = _cached_tokenizer(str(qwen3_tokenizer_dir))  # the one the pipeline loaded
+    seen = set()
+    for step in range(3):
+        batch = keep.batch_at(step)
+        for row, key in enumerate(batch["record_index"].tolist()):
+            seen.add(key)
+            rec = json.loads(lines[key])
+            expected = rec.get("reasoning_query", rec["query"])  # q' = the query itself
+            text = tok.decode(batch["reasoning_input_ids"][row], skip_special_tokens=True)
+            assert text == f"Instruct: Find it\nQuery: {expected}", (key, text)
+    assert seen == set(range(12))
+    with pytest.raises(ValueError, match="missing_reasoning_query must be 'skip' or 'query'"):
+        build_pipeline({**cfg, "missing_reasoning_query": "drop"}, process_index=0,
+                       process_count=1)

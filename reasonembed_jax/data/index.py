@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 # Kinds of bad input, in the order they are reported.
 BAD_INPUT_KINDS = (
     "malformed_json",
+    "missing_reasoning_query",
     "missing_field",
     "empty_list",
     "empty_text",
@@ -41,6 +42,7 @@ def classify_record_error(reason: str) -> str:
     """Maps a ``RecordError`` reason (``records.py`` wording) to one of ``BAD_INPUT_KINDS``."""
     rules = (
         ("malformed JSON", "malformed_json"),
+        ("missing field 'reasoning_query'", "missing_reasoning_query"),
         ("missing required field", "missing_field"),
         ("missing field", "missing_field"),
         ("is an empty list", "empty_list"),
@@ -63,6 +65,8 @@ class InputStats:
 
     num_valid: int = 0
     num_blank_lines: int = 0
+    # valid records that carry no reasoning query (kept: not needed, or q' = query)
+    num_without_reasoning_query: int = 0
     bad_counts: dict[str, int] = dataclasses.field(default_factory=dict)
     examples: list[str] = dataclasses.field(default_factory=list)
     max_examples: int = 10
@@ -83,6 +87,7 @@ class InputStats:
             f"{prefix}records_valid": float(self.num_valid),
             f"{prefix}records_skipped": float(self.num_bad),
             f"{prefix}blank_lines": float(self.num_blank_lines),
+            f"{prefix}records_without_reasoning_query": float(self.num_without_reasoning_query),
         }
         for kind in BAD_INPUT_KINDS:
             out[f"{prefix}records_skipped/{kind}"] = float(self.bad_counts.get(kind, 0))
@@ -90,7 +95,8 @@ class InputStats:
 
     def summary(self) -> str:
         """One log paragraph: totals, per-kind counts, and the first reasons with file:line."""
-        lines = [f"{self.num_valid} valid records, {self.num_bad} skipped"]
+        lines = [f"{self.num_valid} valid records ({self.num_without_reasoning_query} without a "
+                 f"reasoning query), {self.num_bad} skipped"]
         if self.bad_counts:
             per_kind = ", ".join(f"{k}={v}" for k, v in sorted(self.bad_counts.items()))
             lines.append(f"skipped by kind: {per_kind}")
@@ -215,6 +221,7 @@ def index_records(
                 stats.add_bad(err)
                 continue
             stats.num_valid += 1
+            stats.num_without_reasoning_query += record.reasoning_query is None
             keys[domain].append(int(offsets[source_id]) + position)
             if record.train_group_size is not None:
                 groups[domain].add(record.train_group_size)

@@ -103,6 +103,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.append_eos = True
     c.eos_token_id = ml_collections.config_dict.placeholder(int)  # None: text.embedding_eos_token_id
     c.use_reasoning_query = False
+    # With reasoning queries on, a record without one (e.g. its synthesis call failed): "skip"
+    # leaves it out (counted as records_skipped/missing_reasoning_query, with a warning);
+    # "query" keeps it with q' = its own query (then L' = L, so RI = 1: a neutral weight), counted
+    # as records_without_reasoning_query.
+    c.missing_reasoning_query = "skip"
     # Bad input.
     c.strict = False
     c.max_text_chars = 100_000
@@ -165,6 +170,11 @@ class TextSettings:
     append_eos: bool
     eos_token_id: int | None
     use_reasoning_query: bool
+    reasoning_falls_back_to_query: bool = False
+
+    @property
+    def require_reasoning_query(self) -> bool:
+        return self.use_reasoning_query and not self.reasoning_falls_back_to_query
 
 
 def _as_config(config: Mapping[str, Any] | ml_collections.ConfigDict | None,
@@ -271,7 +281,7 @@ class BatchBuilder(grain.transforms.Map):
             assigned_domain=self.assigned_domains[source_id],
             fallback_domain=domain_from_path(source.path) if self.domain_from_filename else None,
             max_chars=self.max_text_chars,
-            require_reasoning_query=self.text.use_reasoning_query,
+            require_reasoning_query=self.text.require_reasoning_query,
         )
         return record
 
@@ -308,7 +318,8 @@ class BatchBuilder(grain.transforms.Map):
             )
             queries.append(format_query(record.query, instruction))
             if self.text.use_reasoning_query:
-                reasoning.append(format_query(record.reasoning_query, instruction))
+                reasoning.append(format_query(record.query if record.reasoning_query is None
+                                              else record.reasoning_query, instruction))
             passages.append(record.pos[pos_i])
             passages.extend(record.neg[i] for i in neg_i.tolist())
         return {
@@ -365,6 +376,10 @@ class TrainingDataPipeline:
             raise ValueError("data.sources is empty: name at least one training-record file")
         if not config.tokenizer:
             raise ValueError("data.tokenizer is empty: give a local HF tokenizer folder")
+        if config.missing_reasoning_query not in ("skip", "query"):
+            raise ValueError(f"data.missing_reasoning_query must be 'skip' or 'query', got "
+                             f"{config.missing_reasoning_query!r}")
+        falls_back = config.missing_reasoning_query == "query"
         sources: list[RecordSource] = []
         assigned: list[str | None] = []
         for spec_text in config.sources:
@@ -378,9 +393,13 @@ class TrainingDataPipeline:
             domain_from_filename=config.domain_from_filename,
             strict=config.strict,
             max_chars=config.max_text_chars,
-            require_reasoning_query=config.use_reasoning_query,
+            require_reasoning_query=config.use_reasoning_query and falls_back is False,
             max_examples=config.max_reported_errors,
         )
+        missing = self.index.stats.num_without_reasoning_query
+        if config.use_reasoning_query and falls_back and missing:
+            log.warning("training data: %d of %d records have no reasoning query; their q' is "
+                        "the query itself (RI = 1)", missing, self.index.stats.num_valid)
         if not self.index.domains:
             raise ValueError(f"no valid training record in {list(config.sources)}:\n"
                              f"{self.index.stats.summary()}")
@@ -430,6 +449,7 @@ class TrainingDataPipeline:
             append_eos=bool(config.append_eos),
             eos_token_id=config.eos_token_id,
             use_reasoning_query=bool(config.use_reasoning_query),
+            reasoning_falls_back_to_query=falls_back,
         )
         self.builder = BatchBuilder(
             sources=tuple(sources), assigned_domains=tuple(assigned), index=self.index,

@@ -64,8 +64,9 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 class ScriptedBackend:
-    """Answers ``responder(prompt) -> str`` (an Exception instance means the request failed) and
-    embeds with ``embedder(texts) -> [N, D]``. Records every batch it receives."""
+    """Answers ``responder(prompt) -> str`` (an Exception instance means the request failed; a
+    ``Generation`` is returned as is) and embeds with ``embedder(texts) -> [N, D]``. Records
+    every batch it receives, with its sampling block."""
 
     name = "scripted"
 
@@ -74,16 +75,20 @@ class ScriptedBackend:
         self.responder = responder
         self.embedder = embedder
         self.generate_batches: list[list[str]] = []
+        self.generate_sampling: list[dict[str, Any]] = []
         self.embed_batches: list[list[str]] = []
 
     def generate(self, prompts: Sequence[str], sampling: Mapping[str, Any]) -> list[Generation]:
         if self.responder is None:
             raise RuntimeError("this scripted backend has no responder")
         self.generate_batches.append(list(prompts))
+        self.generate_sampling.append(dict(sampling))
         out = []
         for prompt in prompts:
             answer = self.responder(prompt)
-            if isinstance(answer, Exception):
+            if isinstance(answer, Generation):
+                out.append(answer)
+            elif isinstance(answer, Exception):
                 out.append(Generation(None, 0, f"{type(answer).__name__}: {answer}"))
             else:
                 out.append(Generation(answer, len(answer.split()), None, "stop"))
@@ -146,12 +151,13 @@ class VLLMBackend:
         """Creates the engine now (otherwise it starts on first use)."""
         self._engine()
 
-    def _prompt_lengths(self, prompts: Sequence[str]) -> list[int]:
+    def _prompt_lengths(self, prompts: Sequence[str], template_kwargs: Mapping[str, Any]
+                        ) -> list[int]:
         tokenizer = self._engine().get_tokenizer()
         if self.cfg["use_chat"]:
             texts = [tokenizer.apply_chat_template(
                 [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
-                **self.cfg["chat_template_kwargs"]) for p in prompts]
+                **template_kwargs) for p in prompts]
         else:
             texts = list(prompts)
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
@@ -170,7 +176,8 @@ class VLLMBackend:
         # A prompt longer than the context would make vLLM reject the whole batch: fail it alone.
         limit = self.cfg["max_model_len"] - 1
         send = []
-        for i, n in enumerate(self._prompt_lengths(prompts)):
+        template_kwargs = chat_template_kwargs(self.cfg, sampling)
+        for i, n in enumerate(self._prompt_lengths(prompts, template_kwargs)):
             if n > limit:
                 results[i] = Generation(None, 0, f"prompt_too_long: {n} tokens > {limit}")
             else:
@@ -181,7 +188,7 @@ class VLLMBackend:
             if self.cfg["use_chat"]:
                 return llm.chat([[{"role": "user", "content": p}] for p in batch], params,
                                 use_tqdm=False,
-                                chat_template_kwargs=self.cfg["chat_template_kwargs"] or None)
+                                chat_template_kwargs=template_kwargs or None)
             return llm.generate(batch, params, use_tqdm=False)
 
         try:
@@ -242,9 +249,16 @@ def _structured(sampling: Mapping[str, Any]) -> dict[str, Any]:
     return {k: sampling[k] for k in STRUCTURED_KEYS if sampling.get(k) is not None}
 
 
+def chat_template_kwargs(model_cfg: Mapping[str, Any], sampling: Mapping[str, Any]
+                         ) -> dict[str, Any]:
+    """The chat-template arguments of one request: the model's, then the stage's on top."""
+    return {**(model_cfg.get("chat_template_kwargs") or {}),
+            **(sampling.get("chat_template_kwargs") or {})}
+
+
 def _vllm_sampling(sampling: Mapping[str, Any]) -> dict[str, Any]:
     unknown = set(sampling) - {"temperature", "top_p", "top_k", "max_tokens", "seed",
-                               *STRUCTURED_KEYS}
+                               "chat_template_kwargs", *STRUCTURED_KEYS}
     if unknown:
         raise ValueError(f"unknown sampling keys {sorted(unknown)}")
     out = {
@@ -326,8 +340,9 @@ class OpenAIHTTPBackend:
         try:
             if self.cfg["use_chat"]:
                 body["messages"] = [{"role": "user", "content": prompt}]
-                if self.cfg["chat_template_kwargs"]:
-                    body["chat_template_kwargs"] = self.cfg["chat_template_kwargs"]
+                template_kwargs = chat_template_kwargs(self.cfg, sampling)
+                if template_kwargs:
+                    body["chat_template_kwargs"] = template_kwargs
                 reply = self._post("/v1/chat/completions", body)
                 choice = reply["choices"][0]
                 text = choice["message"].get("content") or ""

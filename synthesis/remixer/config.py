@@ -54,9 +54,13 @@ MODEL_DEFAULTS: dict[str, Any] = {
 
 def _sampling(temperature: float, top_p: float, top_k: int, max_tokens: int) -> dict[str, Any]:
     """A stage's sampling block. ``regex``/``choice``/``json`` ask for constrained decoding
-    (vLLM structured outputs), e.g. ``choice: ["Yes", "No"]`` for the domain filter."""
+    (vLLM structured outputs), e.g. ``choice: ["Yes", "No"]`` for the domain filter.
+    ``chat_template_kwargs`` go to the chat template of this stage's requests, over the model's
+    own: thinking is off unless a stage asks for it (``{"enable_thinking": true}``; the authors
+    annotate without it). Templates without that switch ignore it."""
     return {"temperature": temperature, "top_p": top_p, "top_k": top_k,
-            "max_tokens": max_tokens, "regex": None, "choice": None, "json": None}
+            "max_tokens": max_tokens, "regex": None, "choice": None, "json": None,
+            "chat_template_kwargs": {"enable_thinking": False}}
 
 
 DEFAULT_CONFIG: dict[str, Any] = {

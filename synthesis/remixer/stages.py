@@ -133,6 +133,9 @@ def generate_with_retries(backend: Backend, prompts: Sequence[str], sampling: Ma
         for i, answer in zip(todo, answers, strict=True):
             stats["llm_requests"] += 1
             stats["tokens_generated"] += answer.num_tokens
+            if answer.finish_reason == "length":
+                # cut off at sampling.max_tokens: a thinking answer cut there has no answer
+                stats["answers_hit_max_tokens"] += 1
             if answer.error is not None or answer.text is None:
                 stats["llm_request_errors"] += 1
                 last_errors[i] = answer.error or "no text"
@@ -173,7 +176,8 @@ def summarize(stage: str, ctx: Context, counters: Mapping[str, float],
               extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Builds, prints and saves ``summary.json``: counters plus rates and throughput."""
     c = Counter({k: 0 for k in ("items_in", "items_out", "llm_requests", "llm_request_errors",
-                                "llm_parse_failures", "llm_final_failures", "tokens_generated")})
+                                "llm_parse_failures", "llm_final_failures", "tokens_generated",
+                                "answers_hit_max_tokens")})
     c.update(counters)
     answered = c["llm_requests"] - c["llm_request_errors"]
     elapsed = c["elapsed_s"]
@@ -185,6 +189,7 @@ def summarize(stage: str, ctx: Context, counters: Mapping[str, float],
     if c["llm_requests"]:
         summary["parse_failure_rate"] = round(c["llm_parse_failures"] / max(answered, 1), 4)
         summary["request_error_rate"] = round(c["llm_request_errors"] / c["llm_requests"], 4)
+        summary["max_tokens_hit_rate"] = round(c["answers_hit_max_tokens"] / max(answered, 1), 4)
         summary["final_failure_rate"] = round(
             c["llm_final_failures"] / max(c["llm_requests"] - c.get("llm_retried", 0), 1), 4)
     if elapsed > 0:
@@ -827,10 +832,14 @@ def run_reasoning(ctx: Context) -> dict[str, Any] | None:
         prompts = [P.reasoning_prompt(ctx.domain, r["query"]) for r in items]
         texts, _, stats = generate_with_retries(backend, prompts, cfg["sampling"], parse,
                                                 int(cfg["max_attempts"]))
+        stats["missing_reasoning_query"] += 0  # always in the summary, 0 included
         out = []
         for rec, text in zip(items, texts, strict=True):
             new = dict(rec)
             if text is None:
+                # kept (its query, positives and negatives are fine) without reasoning_query;
+                # the trainer counts such records and skips them for RI-InfoNCE or uses q' = q
+                # (data.missing_reasoning_query)
                 stats["missing_reasoning_query"] += 1
             else:
                 new["reasoning_query"] = reasoning_query_text(rec["query"], text, cfg["mode"])
@@ -850,7 +859,8 @@ def run_reasoning(ctx: Context) -> dict[str, Any] | None:
             stats["neg_total"] = sum(len(r["neg"]) for r in valid)
             stats["pos_per_query"] = round(stats["pos_total"] / len(valid), 3)
             stats["neg_per_query"] = round(stats["neg_total"] / len(valid), 3)
-            stats["with_reasoning_query"] = sum("reasoning_query" in r for r in valid)
+        stats["with_reasoning_query"] = sum("reasoning_query" in r for r in valid)
+        stats["without_reasoning_query"] = len(valid) - stats["with_reasoning_query"]
         return valid, stats
 
     return _run_sharded("reasoning", ctx, records, process,

@@ -65,8 +65,9 @@ def make_handler(stub: Stub):
                 return self._reply(400, {"error": "prompt too long"})
             if prompt.startswith("slow"):
                 time.sleep(1.5)
+            finish = "length" if prompt.startswith("cut") else "stop"
             self._reply(200, {"choices": [{"message": {"content": f"echo {prompt}"},
-                                           "finish_reason": "stop"}],
+                                           "finish_reason": finish}],
                               "usage": {"completion_tokens": len(prompt)}})
 
         def _embed(self, body: dict) -> None:
@@ -126,6 +127,17 @@ def test_generation_retries_and_reports_errors(server):
         (0.5, 0.9, 40, 7)
     assert req["model"] == "m"
     assert req["structured_outputs"] == {"regex": "<score>[1-5]</score>"}
+    assert "chat_template_kwargs" not in req  # none asked for: none sent
+
+
+def test_generation_sends_chat_template_kwargs_and_reports_cut_answers(server):
+    stub, url = server
+    b = backend(url, chat_template_kwargs={"enable_thinking": True, "x": 1})
+    out = b.generate(["cut here", "fine"], {"max_tokens": 4,
+                                            "chat_template_kwargs": {"enable_thinking": False}})
+    assert [o.finish_reason for o in out] == ["length", "stop"]
+    for req in stub.requests:  # the stage's switch over the model's, the rest kept
+        assert req["chat_template_kwargs"] == {"enable_thinking": False, "x": 1}
 
 
 def test_generation_timeout_is_counted_not_raised(server):

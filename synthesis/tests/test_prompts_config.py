@@ -10,6 +10,7 @@ import pytest
 
 from reasonembed_jax.instructions import task_instruction
 from remixer import prompts as P
+from remixer.backends import chat_template_kwargs
 from remixer.config import DEFAULT_CONFIG, ConfigError, load_config
 
 TEMPLATES = {
@@ -181,3 +182,19 @@ def test_shipped_configs_load():
     assert files
     for path in files:
         load_config(path)
+
+
+def test_thinking_is_off_by_default_and_a_config_choice():
+    folder = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    for cfg in [load_config(None)] + [load_config(p) for p in sorted(folder.glob("*.json"))]:
+        for stage in ("filter", "queries", "annotation", "reasoning"):
+            model = cfg["models"][cfg[stage]["model"]]
+            assert chat_template_kwargs(model, cfg[stage]["sampling"])["enable_thinking"] is \
+                False, stage
+    on = load_config(None, ["annotation.sampling.chat_template_kwargs.enable_thinking=true",
+                            'models.judge.chat_template_kwargs={"foo": 1}'])
+    judge = on["models"]["judge"]
+    assert chat_template_kwargs(judge, on["annotation"]["sampling"]) == {
+        "foo": 1, "enable_thinking": True}
+    assert chat_template_kwargs(judge, on["reasoning"]["sampling"]) == {
+        "foo": 1, "enable_thinking": False}  # the other stage keeps its own setting

@@ -15,7 +15,7 @@ from conftest import bag_of_words_embed
 from reasonembed_jax.records import parse_record_line
 from remixer import prompts as P
 from remixer import stages as S
-from remixer.backends import ScriptedBackend
+from remixer.backends import Generation, ScriptedBackend
 from remixer.config import load_config
 from remixer.store import StageError, read_jsonl
 
@@ -424,6 +424,42 @@ def test_reasoning_modes_and_missing_reasoning(tmp_path):
             assert rec["reasoning_query"] == f"{rec['query']}\n\nNeeds <{rec['query'][:10]}>"
         assert len(rec["neg"]) <= 4  # NV negatives were the input
     assert summary["missing_reasoning_query"] == sum("d9 " in r["query"] for r in final) == 1
+    # kept in the training file without a reasoning query, and counted there too
+    assert summary["without_reasoning_query"] == 1
+    assert summary["with_reasoning_query"] == len(final) - 1
+
+
+def test_answers_cut_at_max_tokens_are_counted_and_thinking_is_off(tmp_path):
+    make_corpus(tmp_path / "corpus.jsonl")
+    cut: Counter = Counter()
+
+    def score_for(query: str, doc: str):
+        if "d5 " in doc:  # a judge that rambles past the cap: no score tag, finish "length"
+            cut["d5"] += 1
+            return Generation("<think>let me think about " + "this " * 50, 2048, None, "length")
+        if "d6 " in doc:  # cut off after its score: parsable, still counted
+            cut["d6"] += 1
+            return Generation("<score>4</score> and more", 2048, None, "length")
+        return Responder.default_score(query, doc)
+
+    backend = scripted(Responder(score_for=score_for))
+    ctx = make_ctx(tmp_path, backend, ["sources.sample_size=100"])
+    for stage in ("sources", "queries", "candidates", "annotations"):
+        S.STAGE_FUNCTIONS[stage](ctx)
+    summary = json.loads((ctx.stage_dir("annotations") / "summary.json").read_text())
+    assert cut["d5"] + cut["d6"] > 0
+    assert summary["answers_hit_max_tokens"] == cut["d5"] + cut["d6"]
+    answered = summary["llm_requests"] - summary["llm_request_errors"]
+    assert summary["max_tokens_hit_rate"] == round((cut["d5"] + cut["d6"]) / answered, 4)
+    labels = {c["doc_id"]: c["label"] for q in read_jsonl(ctx.final_path("annotations"))
+              for c in q["candidates"]}
+    assert labels.get("d5", -1) == -1 and labels.get("d6", 4) == 4
+    queries_summary = json.loads((ctx.stage_dir("queries") / "summary.json").read_text())
+    assert queries_summary["answers_hit_max_tokens"] == 0  # always reported
+    # every LLM request went out with thinking off (the default of every stage)
+    assert backend.generate_sampling
+    assert all(s["chat_template_kwargs"] == {"enable_thinking": False}
+               for s in backend.generate_sampling)
 
 
 class CrashingBackend(ScriptedBackend):
