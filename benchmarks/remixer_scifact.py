@@ -72,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                      "for decoder embedders)")
     p.add_argument("--embedder-max-len", type=int, default=256)
     p.add_argument("--dataset-dir", default=str(SHARED / "beir_scifact"))
+    p.add_argument("--corpus-docs", type=int, default=None,
+                   help="use a seeded sample of this many corpus documents as the corpus "
+                        "(sources and mining); default: all 5,183 (embedding them all takes "
+                        "long on a shared 2-core CPU)")
     p.add_argument("--work-dir", default=str(REPO / "runs" / "remixer_scifact"))
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--sources", type=int, default=None, help="source documents (preset default)")
@@ -98,7 +102,7 @@ def build_config(args: argparse.Namespace) -> dict:
                 "pooling_type": args.pooling, "max_model_len": args.embedder_max_len,
                 "gpu_memory_utilization": engine["gpu_memory_utilization"],
                 "enforce_eager": engine["enforce_eager"], "dtype": engine["dtype"],
-                "use_chat": False}
+                "use_chat": False, "max_num_seqs": 32 if args.preset == "cpu" else None}
     constrain = args.constrain_judge if args.constrain_judge is not None else \
         args.preset == "cpu"
     words = preset["judge_tokens"] * 2  # characters of analysis allowed before the tag
@@ -107,7 +111,7 @@ def build_config(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "shard_size": preset["shard_size"],
         "keep_engines": True,  # writer = judge by default: one engine, plus the embedder
-        "data": {"corpus": str(dataset / "corpus.jsonl"),
+        "data": {"corpus": str(corpus_file(args)),
                  "exclude_ids": [str(dataset / "synthesis_exclude_doc_ids.txt")]},
         "models": {"writer": writer, "judge": judge, "embedder": embedder},
         "sources": {"min_chars": 200, "max_chars": 5000,
@@ -120,6 +124,22 @@ def build_config(args: argparse.Namespace) -> dict:
         "reasoning": {"input": "nv_negatives",
                       "sampling": {"max_tokens": preset["reason_tokens"]}},
     }
+
+
+def corpus_file(args: argparse.Namespace) -> pathlib.Path:
+    """The SciFact corpus, or (``--corpus-docs N``) a seeded sample of N of its documents written
+    to the work dir (every line kept verbatim)."""
+    full = pathlib.Path(args.dataset_dir) / "corpus.jsonl"
+    if not args.corpus_docs:
+        return full
+    import random
+
+    lines = full.read_text(encoding="utf-8").splitlines()
+    keep = sorted(random.Random(args.seed).sample(range(len(lines)), min(args.corpus_docs,
+                                                                         len(lines))))
+    out = pathlib.Path(args.work_dir) / f"corpus_{len(keep)}.jsonl"
+    out.write_text("".join(lines[i] + "\n" for i in keep), encoding="utf-8")
+    return out
 
 
 def stage_rows(summaries: dict) -> list[dict]:
@@ -203,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_CACHE_ROOT", str(work / "vllm_cache"))
     if args.preset == "cpu":
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        # one engine step can take minutes on a shared 2-core CPU (default limit 300 s)
+        os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
     from remixer.cli import main as remixer_main
 
     config_path = work / "config.json"
