@@ -34,7 +34,9 @@ from reasonembed_jax.model.sharding import DEFAULT_RULES, make_mesh, named_shard
 from reasonembed_jax.tiny_model import shrink_hf_config
 from reasonembed_jax.training.checkpoint import Checkpointer, abstract_like
 from reasonembed_jax.training.step import (
+    SCHEDULES,
     StepConfig,
+    deepspeed_warmup_decay_schedule,
     make_optimizer,
     make_schedule,
     make_train_step,
@@ -93,8 +95,11 @@ def lora_config(config: ml_collections.ConfigDict, model: ModelConfig) -> LoraCo
     if targets == PROJECTIONS:
         specs = param_specs(model)
         targets = tuple(t for t in targets if LAYER_PREFIX + t in specs)
-    lora = LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
-                      targets=targets)
+    try:
+        lora = LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha,
+                          dropout=config.lora.dropout, targets=targets, init_a=config.lora.init_a)
+    except ValueError as e:
+        raise TrainingError(f"config.lora: {e}") from e
     try:
         lora_param_shapes(model, lora)
     except ValueError as e:
@@ -322,6 +327,7 @@ class Trainer:
             kappa=config.loss.kappa, ri_warmup_steps=config.loss.ri_warmup_steps,
             qwen3_margin=config.loss.qwen3_margin,
             mask_duplicate_positives=config.loss.mask_duplicate_positives,
+            reasoning_dropout=bool(config.loss.reasoning_dropout),
             pooling=config.model.pooling, lora=self.lora, dropout=bool(config.model.dropout),
             grad_cache=config.train.grad_cache,
             chunk_rows_per_device=config.train.grad_cache_chunk, mesh=self.mesh,
@@ -335,10 +341,21 @@ class Trainer:
 
     def _optimizer(self, num_steps: int) -> tuple[Any, Any]:
         o = self.config.optim
-        schedule = make_schedule(o.learning_rate, num_steps, warmup_ratio=o.warmup_ratio,
-                                 decay=o.decay, end_ratio=o.end_ratio)
+        if o.schedule == "deepspeed":
+            if o.decay != "linear" or o.end_ratio:
+                raise TrainingError("optim.schedule='deepspeed' decays linearly to 0: leave "
+                                    "optim.decay='linear' and optim.end_ratio=0")
+            schedule = deepspeed_warmup_decay_schedule(o.learning_rate, num_steps,
+                                                       warmup_ratio=o.warmup_ratio,
+                                                       warmup_type=o.warmup_type)
+        elif o.schedule == "warmup_decay":
+            schedule = make_schedule(o.learning_rate, num_steps, warmup_ratio=o.warmup_ratio,
+                                     decay=o.decay, end_ratio=o.end_ratio)
+        else:
+            raise TrainingError(f"optim.schedule must be one of {SCHEDULES}, got '{o.schedule}'")
         optimizer = make_optimizer(schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
-                                   eps=o.eps, clip_norm=o.clip_norm)
+                                   eps=o.eps, clip_norm=o.clip_norm,
+                                   reference_world_size=int(o.reference_world_size))
         return schedule, optimizer
 
     def _initial_state(self, optimizer: Any) -> tuple[dict, dict]:
