@@ -3,7 +3,8 @@
 Adapters are extra stacked parameters next to the base ones, ``layers.<proj>.lora_a
 [L, *in, r]`` and ``layers.<proj>.lora_b [L, r, *out]``, so they scan with their layer and shard by
 logical axes like every other parameter. ``A`` starts random (PEFT's default by default) and ``B`` at
-zero, so training starts from the base model exactly. ``merge_lora`` folds them into the base weights for export.
+zero, so training starts from the base model exactly. ``merge_lora`` folds them into the base
+weights for export.
 """
 
 from __future__ import annotations

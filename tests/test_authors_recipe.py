@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from train_configs import load_config_file
 
 from reasonembed_jax import losses
 from reasonembed_jax.lora import LoraConfig, init_lora, lora_param_shapes
@@ -24,6 +23,7 @@ from reasonembed_jax.training.step import (
     make_optimizer,
     plain_loss_and_grads,
 )
+from train_configs import load_config_file
 
 WORLD, B, G, D_IN, D = 8, 2, 3, 12, 6
 TAU = 0.05
