@@ -279,3 +279,56 @@ def test_authors_variant_sets_every_listed_setting_and_nothing_else():
     assert set(diffs) == {f for f, (v, _) in AUTHORS_SETTINGS.items()
                           if ours[f.split(".")[0]][f.split(".")[1]] != v}
     assert theirs.optim.clip_norm == 1.0 and theirs.optim.eps == 1e-8
+
+
+# ---------------------------------------------------------------------------------------------
+# The released data layout: a folder of {domain}-formatted.jsonl
+# ---------------------------------------------------------------------------------------------
+
+
+def _released_folder(tmp_path, names):
+    import gzip
+    import json
+
+    from reasonembed_jax.data.pipeline import DEMO_DATA_DIR
+
+    folder = tmp_path / "reason-embed-data-0928"
+    folder.mkdir()
+    with gzip.open(f"{DEMO_DATA_DIR}/biology.jsonl.gz", "rt") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    for r in records:
+        r.pop("domain", None)  # the file name says it
+    for name in names:
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "README.md").write_text("not a record file")
+    return folder
+
+
+def test_released_folder_gives_each_file_its_domain_and_recipe_shape(tmp_path, qwen3_tokenizer_dir):
+    from reasonembed_jax.data import build_pipeline
+    from reasonembed_jax.data.pipeline import default_data_config
+
+    folder = _released_folder(tmp_path, ["biology-formatted.jsonl", "earth-science-formatted.jsonl",
+                                         "pony-formatted.jsonl"])
+    c = default_data_config()
+    c.sources = (str(folder),)
+    c.tokenizer = str(qwen3_tokenizer_dir)
+    pipe = build_pipeline(c, process_index=0, process_count=1, num_devices=1)
+    shapes = {d.name: (d.group_size, d.batch_size, d.num_records) for d in pipe.domains}
+    # The paper's shapes (method.md section 4): (16, 8) for StackExchange domains, (64, 2) pony.
+    assert shapes == {"biology": (16, 8, 48), "earth_science": (16, 8, 48), "pony": (64, 2, 48)}
+    batch = pipe.batch_at(0)
+    g, b = (16, 8) if pipe.domain_names[int(batch["domain_index"])] != "pony" else (64, 2)
+    assert batch["passage_input_ids"].shape[0] == g * b
+
+
+def test_released_folder_with_an_unknown_file_name_lists_known_domains(tmp_path, qwen3_tokenizer_dir):
+    from reasonembed_jax.data import build_pipeline
+    from reasonembed_jax.data.pipeline import default_data_config
+
+    folder = _released_folder(tmp_path, ["biology-formatted.jsonl", "chemistry-formatted.jsonl"])
+    c = default_data_config()
+    c.sources = (str(folder),)
+    c.tokenizer = str(qwen3_tokenizer_dir)
+    with pytest.raises(ValueError, match=r"chemistry-formatted.jsonl.*theoremqa_theorems"):
+        build_pipeline(c, process_index=0, process_count=1, num_devices=1)
