@@ -100,7 +100,9 @@ def render_model_card(
         "## Usage", "", "sentence-transformers:", "", "```python",
         "from sentence_transformers import SentenceTransformer",
         'model = SentenceTransformer("PATH_TO_THIS_FOLDER")',
-        f"q = model.encode([{_yaml_str(QUERY_TEMPLATE.format(instruction=instruction, query='why do moths circle lamps?'))}])",  # noqa: E501
+        ('q = model.encode(["why do moths circle lamps?"], prompt_name="query")'
+         if query_instruction else
+         f"q = model.encode([{_yaml_str(QUERY_TEMPLATE.format(instruction=instruction, query='why do moths circle lamps?'))}])"),  # noqa: E501
         'd = model.encode(["Moths navigate by keeping a distant light at a fixed angle ..."])',
         "scores = q @ d.T", "```", "", "reasonembed-jax:", "", "```python",
         "from reasonembed_jax.encode import TextEncoder",
