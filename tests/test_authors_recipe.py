@@ -332,3 +332,20 @@ def test_released_folder_with_an_unknown_file_name_lists_known_domains(tmp_path,
     c.tokenizer = str(qwen3_tokenizer_dir)
     with pytest.raises(ValueError, match=r"chemistry-formatted.jsonl.*theoremqa_theorems"):
         build_pipeline(c, process_index=0, process_count=1, num_devices=1)
+
+
+def test_dry_run_prints_the_resolved_differences(capsys):
+    """What `train --config FILE:authors --dry_run` prints before the memory plan."""
+    from reasonembed_jax.train import print_differences
+    from train_configs import ROOT
+
+    spec = f"{ROOT / 'configs' / 'reasonembed_qwen3_8b.py'}:authors"
+    config = load_config_file("reasonembed_qwen3_8b", "authors")
+    config.data.query_max_length = 32  # a command-line override counts too
+    print_differences(spec, config)
+    out = capsys.readouterr().out
+    assert "(our recipe): 6 difference(s)" in out
+    for line in ("optim.reference_world_size: 1 -> 8", "optim.schedule: 'warmup_decay' -> 'deepspeed'",
+                 "loss.mask_duplicate_positives: True -> False", "loss.reasoning_dropout: False -> True",
+                 "data.query_max_length: 512 -> 32"):
+        assert line in out

@@ -67,19 +67,15 @@ def test_unknown_override_is_an_error_naming_the_key(tmp_path):
 
 
 def test_dry_run_prints_memory_plan_without_weights():
-    """The `authors` variant: the differences from our recipe, then the memory plan."""
     proc = subprocess.run(
-        [sys.executable, "-m", "reasonembed_jax.train",
-         "--config=configs/reasonembed_qwen3_8b.py:authors",
+        [sys.executable, "-m", "reasonembed_jax.train", "--config=configs/reasonembed_qwen3_8b.py",
          "--dry_run", "--config.model.hf_dir=" + str(ROOT.parent / "shared/data/hf_configs/Qwen3-0.6B"),
          "--config.data.query_max_length=32", "--config.data.passage_max_length=32",
          "--config.data.reasoning_max_length=32"],
         capture_output=True, text=True, cwd=ROOT, env=_env(2), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "domain leetcode" in proc.stdout and "GiB/device" in proc.stdout
-    assert "optim.reference_world_size: 1 -> 8" in proc.stdout
-    assert "loss.mask_duplicate_positives: True -> False" in proc.stdout
-    assert "data.query_max_length: 512 -> 32" in proc.stdout  # overrides count too
+    assert "data.query_max_length: 512 -> 32" in proc.stdout  # the differences come first
 
 
 def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path):
