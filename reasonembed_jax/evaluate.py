@@ -52,8 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="one query instruction for every task (overrides --instructions)")
     parser.add_argument("--top-k", type=int, default=1000, help="documents retrieved per query")
     parser.add_argument("--batch-size", type=int, default=32, help="encoding batch size")
-    parser.add_argument("--max-length", type=int, default=512,
-                        help="max tokens for queries and documents (ReasonEmbed uses 8192)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="max tokens for queries and documents (default: what the model "
+                             "folder carries, e.g. 8192 for the ReasonEmbed recipes' exports; "
+                             "else 512)")
     parser.add_argument("--dtype", default="float32", help="model compute dtype for the encoder")
     parser.add_argument("--cache-dir", default=None,
                         help="corpus embedding cache (default $REASONEMBED_CACHE/corpus_embeddings "
@@ -89,6 +91,9 @@ def make_retriever(args: argparse.Namespace):  # noqa: ANN201 (DenseRetriever | 
     except ImportError as e:
         raise ImportError(f"dense evaluation needs reasonembed_jax.encode.TextEncoder ({e})") from e
     encoder = TextEncoder.from_pretrained(model_dir, max_length=args.max_length, dtype=args.dtype)
+    source = "--max-length" if args.max_length else f"the model folder {model_dir}"
+    args.max_length = encoder.max_length
+    print(f"max length {encoder.max_length} tokens (from {source})")
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
     retriever = DenseRetriever(
         encoder, batch_size=args.batch_size, max_length=args.max_length, cache_dir=cache_dir,

@@ -270,8 +270,12 @@ def export_hf(
     query_instruction: str | None = None,
     dtype: str | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    model_card: Mapping[str, Any] | None = None,
 ) -> str:
     """Writes a complete HF + sentence-transformers model folder and returns its path.
+
+    Always writes a ``README.md`` model card (``model_card.render_model_card``); ``model_card``
+    adds the run's record (config, data, steps, final loss, evaluation) to it.
 
     Contents: safetensors weights (base model, ``*Model`` architecture), ``config.json``, the
     tokenizer files (with an EOS-appending post-processor when ``append_eos``),
@@ -327,6 +331,11 @@ def export_hf(
                 "query_instruction": query_instruction}
     with open(os.path.join(out_dir, ENCODER_SETTINGS_FILE), "w") as f:
         json.dump(settings, f, indent=2)
+    from reasonembed_jax.model_card import write_model_card
+
+    write_model_card(out_dir, model_type=config.model_type, hidden_size=config.hidden_size,
+                     pooling=pooling, normalize=normalize, append_eos=append_eos,
+                     max_length=max_length, query_instruction=query_instruction, run=model_card)
     return out_dir
 
 

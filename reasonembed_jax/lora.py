@@ -2,8 +2,9 @@
 
 Adapters are extra stacked parameters next to the base ones, ``layers.<proj>.lora_a
 [L, *in, r]`` and ``layers.<proj>.lora_b [L, r, *out]``, so they scan with their layer and shard by
-logical axes like every other parameter. ``A`` starts random and ``B`` at zero, so training starts
-from the base model exactly. ``merge_lora`` folds them into the base weights for export.
+logical axes like every other parameter. ``A`` starts random (PEFT's default by default) and ``B`` at
+zero, so training starts from the base model exactly. ``merge_lora`` folds them into the base
+weights for export.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ EQUATIONS = {
     "down_proj": "btm,mh->bth",
 }
 DROPOUT_KEYS = "lora_dropout_keys"
+# How A is drawn (fan_in: the input width of the adapted projection):
+#   kaiming_uniform: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), variance 1/(3 fan_in): PEFT's default
+#       (torch's kaiming_uniform_ with a = sqrt(5) on the [r, fan_in] lora_A weight);
+#   normal: N(0, 1/fan_in), this project's earlier default.
+LORA_A_INITS = ("kaiming_uniform", "normal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +42,11 @@ class LoraConfig:
     alpha: float = 64.0
     dropout: float = 0.1
     targets: tuple[str, ...] = PROJECTIONS
+    init_a: str = "kaiming_uniform"
 
     def __post_init__(self) -> None:
+        if self.init_a not in LORA_A_INITS:
+            raise ValueError(f"LoRA init_a must be one of {LORA_A_INITS}, got '{self.init_a}'")
         unknown = sorted(set(self.targets) - set(PROJECTIONS))
         if unknown:
             raise ValueError(f"unknown LoRA target modules {unknown}; choose from {PROJECTIONS}")
@@ -82,7 +91,8 @@ def lora_param_shapes(config: ModelConfig, lora: LoraConfig) -> dict[str, tuple[
 
 
 def init_lora(config: ModelConfig, lora: LoraConfig, key: Array) -> dict[str, Array]:
-    """``A ~ N(0, 1/fan_in)``, ``B = 0`` (the adapted model starts equal to the base)."""
+    """``A`` drawn as ``lora.init_a`` says (``LORA_A_INITS``), ``B = 0`` (the adapted model starts
+    equal to the base)."""
     params = {}
     shapes = lora_param_shapes(config, lora)
     keys = jax.random.split(key, len(shapes))
@@ -91,7 +101,11 @@ def init_lora(config: ModelConfig, lora: LoraConfig, key: Array) -> dict[str, Ar
             fan_in = 1
             for d in shape[1:-1]:
                 fan_in *= d
-            params[path] = jax.random.normal(k, shape, jnp.float32) / jnp.sqrt(fan_in)
+            scale = 1.0 / jnp.sqrt(fan_in)
+            if lora.init_a == "normal":
+                params[path] = jax.random.normal(k, shape, jnp.float32) * scale
+            else:
+                params[path] = jax.random.uniform(k, shape, jnp.float32, -scale, scale)
         else:
             params[path] = jnp.zeros(shape, jnp.float32)
     return params

@@ -35,6 +35,19 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config"])
 
 
+def print_differences(spec: str, config: object) -> None:
+    """Prints every field where ``config`` (variants and overrides applied) differs from the
+    config file's own default (``get_config(None)``: our recipe)."""
+    from reasonembed_jax.training.config import load_config_file
+    from reasonembed_jax.training.recipes import config_differences
+
+    path = spec.partition(":")[0]
+    diffs = config_differences(load_config_file(path), config)
+    print(f"resolved config vs {path} (our recipe): {len(diffs) or 'no'} difference(s)")
+    for field, ours, resolved in diffs:
+        print(f"  {field}: {ours!r} -> {resolved!r}")
+
+
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -49,6 +62,8 @@ def main(argv: Sequence[str]) -> None:
 
     if not _DRY_RUN.value and not _WORKDIR.value:
         raise app.UsageError("--workdir is required (except with --dry_run)")
+    if _DRY_RUN.value:
+        print_differences(config_flags.get_config_filename(flags.FLAGS["config"]), _CONFIG.value)
     try:
         result = train(_CONFIG.value, _WORKDIR.value or "", dry_run=_DRY_RUN.value)
     except TrainingError as err:

@@ -32,6 +32,7 @@ def _train_cmd(config, workdir, *extra):
 @pytest.mark.parametrize("name,arg", [("demo", None), ("demo", "lora"), ("demo", "gradcache"),
                                       ("reasonembed_qwen3_8b", None),
                                       ("reasonembed_qwen3_8b", "full,gradcache,infonce,fsdp"),
+                                      ("reasonembed_qwen3_8b", "authors"),
                                       ("reasonembed_qwen3_4b", None),
                                       ("reasonembed_llama31_8b", None),
                                       ("scifact_minilm", None)])
@@ -74,6 +75,7 @@ def test_dry_run_prints_memory_plan_without_weights():
         capture_output=True, text=True, cwd=ROOT, env=_env(2), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "domain leetcode" in proc.stdout and "GiB/device" in proc.stdout
+    assert "data.query_max_length: 512 -> 32" in proc.stdout  # the differences come first
 
 
 def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path):

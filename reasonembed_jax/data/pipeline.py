@@ -47,6 +47,7 @@ import numpy as np
 from reasonembed_jax.data import sampling
 from reasonembed_jax.data.index import InputStats, RecordIndex, check_record, index_records
 from reasonembed_jax.data.sources import (
+    JSONL_SUFFIXES,
     RecordSource,
     domain_from_path,
     open_source,
@@ -74,6 +75,40 @@ RECIPE_DOMAIN_SHAPES = {
     "pony": (64, 2),
 }
 
+# The authors' released data (hanhainebula/reason-embed-data, folder reason-embed-data-0928) ships
+# one file per BRIGHT domain named "{domain}-formatted.jsonl".
+RELEASED_FILE_TAG = "-formatted"
+
+
+def is_released_folder(spec: str) -> bool:
+    """A source spec naming a plain folder (not a TFDS dataset directory): the released layout."""
+    return os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "dataset_info.json"))
+
+
+def released_folder_sources(directory: str) -> list[tuple[str, str]]:
+    """``(path, domain)`` of every JSONL file of a folder laid out as the authors' release:
+    ``{domain}-formatted.jsonl`` (``.gz`` allowed; ``-formatted`` optional; hyphens in the domain
+    read as underscores). Every file must name a domain of ``RECIPE_DOMAIN_SHAPES``."""
+    names = sorted(n for n in os.listdir(directory) if n.endswith(JSONL_SUFFIXES))
+    if not names:
+        raise ValueError(f"data source folder {directory} holds no JSONL files "
+                         f"(expected {{domain}}{RELEASED_FILE_TAG}.jsonl files)")
+    out, unknown = [], []
+    for name in names:
+        stem = domain_from_path(name)
+        if stem.endswith(RELEASED_FILE_TAG):
+            stem = stem[: -len(RELEASED_FILE_TAG)]
+        domain = stem.replace("-", "_")
+        if domain in RECIPE_DOMAIN_SHAPES:
+            out.append((os.path.join(directory, name), domain))
+        else:
+            unknown.append(name)
+    if unknown:
+        raise ValueError(f"data source folder {directory}: {unknown} name no known domain; files "
+                         f"must be {{domain}}{RELEASED_FILE_TAG}.jsonl with domain one of "
+                         f"{sorted(RECIPE_DOMAIN_SHAPES)}")
+    return out
+
 
 DEMO_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
 
@@ -81,7 +116,9 @@ DEMO_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
 def default_data_config() -> ml_collections.ConfigDict:
     """The ``config.data`` block with every field the pipeline reads, at its default."""
     c = ml_collections.ConfigDict()
-    # Files: "[domain=]path" (path: .jsonl/.jsonl.gz/.array_record file, glob, or TFDS dir[:split]).
+    # Files: "[domain=]path" (path: .jsonl/.jsonl.gz/.array_record file, glob, or TFDS dir[:split]),
+    # or a plain folder in the authors' released layout ({domain}-formatted.jsonl per domain: the
+    # domain and its (group size, batch size) from RECIPE_DOMAIN_SHAPES).
     c.sources = ()
     c.domain_from_filename = True  # records without 'domain' take their file's stem
     # Per-domain overrides: {name: {group_size, batch_size, instruction}}; missing keys fall back
@@ -382,7 +419,14 @@ class TrainingDataPipeline:
         falls_back = config.missing_reasoning_query == "query"
         sources: list[RecordSource] = []
         assigned: list[str | None] = []
+        released: set[str] = set()  # domains read from a released-layout folder
         for spec_text in config.sources:
+            if is_released_folder(spec_text):
+                for path, domain in released_folder_sources(spec_text):
+                    sources.append(open_source(path))
+                    assigned.append(domain)
+                    released.add(domain)
+                continue
             spec = parse_source_spec(spec_text)
             for path in spec.paths:
                 sources.append(open_source(path, spec.split))
@@ -414,10 +458,15 @@ class TrainingDataPipeline:
             if bad_keys:
                 raise ValueError(f"data.domains.{d.name} has unknown fields {bad_keys} "
                                  "(expected group_size, batch_size, instruction)")
+            # data.domains, then the records' own fields, then (released folders) the recipe's
+            # table, then the defaults.
+            table = RECIPE_DOMAIN_SHAPES.get(d.name) if d.name in released else None
             group = o.get("group_size") or _single(d.record_group_sizes, d.name,
-                                                  "train_group_size") or config.group_size
+                                                  "train_group_size") or (
+                table[0] if table else config.group_size)
             batch = o.get("batch_size") or _single(d.record_batch_sizes, d.name,
-                                                  "batch_size") or config.batch_size
+                                                  "batch_size") or (
+                table[1] if table else config.batch_size)
             global_batch = int(batch) * num_devices
             host = sampling.host_slice(global_batch, process_index, process_count)
             steps = len(d.record_keys) // global_batch

@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.alpha = 64.0
     c.lora.dropout = 0.1
     c.lora.targets = PROJECTIONS
+    c.lora.init_a = "kaiming_uniform"  # PEFT's default; "normal": N(0, 1/fan_in) (lora.LORA_A_INITS)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.kind = "ri_infonce"  # infonce | ri_infonce | qwen3_masked
@@ -63,17 +64,28 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.ri_warmup_steps = 100
     c.loss.qwen3_margin = 0.1
     c.loss.mask_duplicate_positives = True  # in-batch copies of a positive are not negatives
+    # Encode reasoning queries with dropout on (training mode, no gradient), as the authors do.
+    c.loss.reasoning_dropout = False
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-4
     c.optim.weight_decay = 0.0
     c.optim.warmup_ratio = 0.1
+    # "warmup_decay": linear warm-up then optim.decay; "deepspeed": DeepSpeed's WarmupDecayLR as
+    # the HF Trainer fills it (warm-up optim.warmup_type, then linear decay to 0; see
+    # step.deepspeed_warmup_decay_schedule).
+    c.optim.schedule = "warmup_decay"
+    c.optim.warmup_type = "log"  # deepspeed schedule only: log (DeepSpeed's default) | linear
     c.optim.decay = "linear"  # linear | cosine | constant
     c.optim.end_ratio = 0.0
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
     c.optim.clip_norm = 1.0
+    # Clip (and Adam eps) as a PyTorch DDP run over this many ranks that back-propagates a gathered
+    # loss through each rank's own embeddings only: its optimizer sees 1/W of our global-mean
+    # gradient, so clip_norm acts at W * clip_norm here (step.make_optimizer). 1: plain clipping.
+    c.optim.reference_world_size = 1
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices left over

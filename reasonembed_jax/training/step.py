@@ -11,6 +11,7 @@ Frozen parameters (the base model under LoRA) are passed separately and never up
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -43,6 +44,9 @@ class StepConfig:
     qwen3_margin: float = 0.1
     # Leave in-batch copies of a query's own positive out of its softmax (needs passage_key).
     mask_duplicate_positives: bool = True
+    # Encode the reasoning queries in training mode (LoRA / model dropout on, still no gradient),
+    # as the authors' no-grad pass under ``model.train()`` does; off: deterministic, no dropout.
+    reasoning_dropout: bool = False
     pooling: str = "last_token"
     # The model's own dropout in training passes (BERT family; see ``encoder.forward``).
     dropout: bool = False
@@ -128,14 +132,14 @@ def plain_loss_and_grads(
 ) -> tuple[Array, dict[str, Array], PyTree]:
     """Loss and gradients with every activation of the batch kept for the backward pass."""
     embed = make_embed_fn(cfg, train=True)
-    embed_eval = make_embed_fn(cfg, train=False)
-    kq, kp, _ = _keys(rng, step)
+    embed_reasoning = make_embed_fn(cfg, train=cfg.reasoning_dropout)
+    kq, kp, kr = _keys(rng, step)
     group = _group_size(batch)
     rq = None
     if cfg.uses_reasoning:
-        # The reasoning queries only weight the loss: no gradient, no dropout.
-        rq = jax.lax.stop_gradient(embed_eval(trainable, frozen, batch["reasoning_input_ids"],
-                                              batch["reasoning_attention_mask"], kq))
+        # The reasoning queries only weight the loss: no gradient (dropout: reasoning_dropout).
+        rq = jax.lax.stop_gradient(embed_reasoning(trainable, frozen, batch["reasoning_input_ids"],
+                                                   batch["reasoning_attention_mask"], kr))
 
     def loss_fn(tr: PyTree) -> tuple[Array, tuple[dict[str, Array], Array, Array]]:
         q = embed(tr, frozen, batch["query_input_ids"], batch["query_attention_mask"], kq)
@@ -191,7 +195,7 @@ def grad_cache_loss_and_grads(
     draws one set per role, not per chunk).
     """
     embed = make_embed_fn(cfg, train=True)
-    embed_eval = make_embed_fn(cfg, train=False)
+    embed_reasoning = make_embed_fn(cfg, train=cfg.reasoning_dropout)
     shards = cfg.data_parallel
     kq, kp, kr = _keys(rng, step)
     group = _group_size(batch)
@@ -210,7 +214,7 @@ def grad_cache_loss_and_grads(
 
     q = embed_all("query", embed)
     p = embed_all("passage", embed)
-    rq = embed_all("reasoning", embed_eval) if cfg.uses_reasoning else None
+    rq = embed_all("reasoning", embed_reasoning) if cfg.uses_reasoning else None
 
     keys = batch.get("passage_key")
 
@@ -242,15 +246,27 @@ def grad_cache_loss_and_grads(
 def make_optimizer(
     learning_rate: float | optax.Schedule, *, weight_decay: float = 0.0, b1: float = 0.9,
     b2: float = 0.999, eps: float = 1e-8, clip_norm: float | None = 1.0,
+    reference_world_size: int = 1,
 ) -> optax.GradientTransformation:
-    """AdamW (decay only on matrices, not norms or biases) after global-norm clipping."""
+    """AdamW (decay only on matrices, not norms or biases) after global-norm clipping.
+
+    ``reference_world_size`` W reproduces a PyTorch run whose optimizer saw ``1/W`` of our
+    gradient: FlagEmbedding gathers embeddings from all W ranks into one global-batch loss but
+    back-propagates only through each rank's own embeddings, and DDP then *averages* the W
+    gradients, so each parameter gets ``(1/W) * d(global mean loss)``. Its ``clip_norm`` and
+    Adam ``eps`` therefore act at ``W * clip_norm`` and ``W * eps`` on our global-mean gradient
+    (Adam is otherwise invariant to the gradient scale; decoupled weight decay does not see it).
+    """
+    if reference_world_size < 1:
+        raise ValueError(f"reference_world_size must be >= 1, got {reference_world_size}")
+    w = float(reference_world_size)
     def decay_mask(params: PyTree) -> PyTree:
         return jax.tree.map(lambda x: x.ndim >= 3 or (x.ndim == 2 and x.shape[0] > 1), params)
 
     parts = []
     if clip_norm:
-        parts.append(optax.clip_by_global_norm(clip_norm))
-    parts.append(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+        parts.append(optax.clip_by_global_norm(clip_norm * w))
+    parts.append(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps * w, weight_decay=weight_decay,
                              mask=decay_mask))
     return optax.chain(*parts)
 
@@ -274,6 +290,41 @@ def make_schedule(
     if warmup == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+SCHEDULES = ("warmup_decay", "deepspeed")
+
+
+def deepspeed_warmup_decay_schedule(
+    peak: float, total_steps: int, *, warmup_ratio: float = 0.1, warmup_type: str = "log",
+) -> optax.Schedule:
+    """DeepSpeed's ``WarmupDecayLR`` as the HF Trainer fills FlagEmbedding's ``ds_stage1.json``
+    (``warmup_min_lr`` 0, ``warmup_max_lr`` = lr, ``warmup_num_steps`` = ceil(ratio * total),
+    ``total_num_steps`` = total), in optax's terms (``count`` = updates already applied).
+
+    DeepSpeed sets the lr once at construction (iteration -1: ``warmup_min_lr``) and steps the
+    scheduler *after* each update, so update ``count`` uses iteration ``i = count - 1``:
+    ``gamma(i) = log(i + 1) / log(W)`` (``warmup_type='log'``, DeepSpeed's default) or ``i / W``
+    for ``i < W``, then ``max(0, (total - i) / max(1, total - W))``, with ``W = max(2, warmup)``.
+    The first two updates of a log warm-up therefore run at lr 0.
+    """
+    if warmup_type not in ("log", "linear"):
+        raise ValueError(f"optim.warmup_type must be 'log' or 'linear', got '{warmup_type}'")
+    warmup = max(2, max(1, math.ceil(warmup_ratio * total_steps)))
+    inv_log = 1.0 / math.log(warmup)
+    decay_span = float(max(1, total_steps - warmup))
+
+    def schedule(count: Array) -> Array:
+        i = jnp.asarray(count, jnp.float32) - 1.0
+        if warmup_type == "log":
+            rising = inv_log * jnp.log(jnp.maximum(i + 1.0, 1.0))
+        else:
+            rising = i / warmup
+        falling = jnp.maximum(0.0, (total_steps - i) / decay_span)
+        gamma = jnp.where(i < 0, 0.0, jnp.where(i < warmup, rising, falling))
+        return peak * gamma
+
+    return schedule
 
 
 def make_train_step(

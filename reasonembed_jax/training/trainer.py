@@ -34,7 +34,9 @@ from reasonembed_jax.model.sharding import DEFAULT_RULES, make_mesh, named_shard
 from reasonembed_jax.tiny_model import shrink_hf_config
 from reasonembed_jax.training.checkpoint import Checkpointer, abstract_like
 from reasonembed_jax.training.step import (
+    SCHEDULES,
     StepConfig,
+    deepspeed_warmup_decay_schedule,
     make_optimizer,
     make_schedule,
     make_train_step,
@@ -93,8 +95,11 @@ def lora_config(config: ml_collections.ConfigDict, model: ModelConfig) -> LoraCo
     if targets == PROJECTIONS:
         specs = param_specs(model)
         targets = tuple(t for t in targets if LAYER_PREFIX + t in specs)
-    lora = LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
-                      targets=targets)
+    try:
+        lora = LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha,
+                          dropout=config.lora.dropout, targets=targets, init_a=config.lora.init_a)
+    except ValueError as e:
+        raise TrainingError(f"config.lora: {e}") from e
     try:
         lora_param_shapes(model, lora)
     except ValueError as e:
@@ -322,6 +327,7 @@ class Trainer:
             kappa=config.loss.kappa, ri_warmup_steps=config.loss.ri_warmup_steps,
             qwen3_margin=config.loss.qwen3_margin,
             mask_duplicate_positives=config.loss.mask_duplicate_positives,
+            reasoning_dropout=bool(config.loss.reasoning_dropout),
             pooling=config.model.pooling, lora=self.lora, dropout=bool(config.model.dropout),
             grad_cache=config.train.grad_cache,
             chunk_rows_per_device=config.train.grad_cache_chunk, mesh=self.mesh,
@@ -335,10 +341,21 @@ class Trainer:
 
     def _optimizer(self, num_steps: int) -> tuple[Any, Any]:
         o = self.config.optim
-        schedule = make_schedule(o.learning_rate, num_steps, warmup_ratio=o.warmup_ratio,
-                                 decay=o.decay, end_ratio=o.end_ratio)
+        if o.schedule == "deepspeed":
+            if o.decay != "linear" or o.end_ratio:
+                raise TrainingError("optim.schedule='deepspeed' decays linearly to 0: leave "
+                                    "optim.decay='linear' and optim.end_ratio=0")
+            schedule = deepspeed_warmup_decay_schedule(o.learning_rate, num_steps,
+                                                       warmup_ratio=o.warmup_ratio,
+                                                       warmup_type=o.warmup_type)
+        elif o.schedule == "warmup_decay":
+            schedule = make_schedule(o.learning_rate, num_steps, warmup_ratio=o.warmup_ratio,
+                                     decay=o.decay, end_ratio=o.end_ratio)
+        else:
+            raise TrainingError(f"optim.schedule must be one of {SCHEDULES}, got '{o.schedule}'")
         optimizer = make_optimizer(schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
-                                   eps=o.eps, clip_norm=o.clip_norm)
+                                   eps=o.eps, clip_norm=o.clip_norm,
+                                   reference_world_size=int(o.reference_world_size))
         return schedule, optimizer
 
     def _initial_state(self, optimizer: Any) -> tuple[dict, dict]:
@@ -481,6 +498,7 @@ class Trainer:
                  (n_trained + count_params(frozen)) / 1e6, num_steps, start, dict(self.mesh.shape))
 
         compiled_shapes: set[tuple] = set()
+        last_eval: dict[str, float] | None = None
         nan_guard = NanGuard(c.train.max_consecutive_nan)
         pending: tuple[int, dict, float, dict] | None = None
         last_time = time.perf_counter()
@@ -538,7 +556,8 @@ class Trainer:
                     data_state = {"grain": iterator.get_state()}
                     checkpointer.save(step + 1, state, data_state)
                     if c.eval.every and (step + 1) % c.eval.every == 0 and c.eval.data:
-                        writer.write(step + 1, self.evaluate(state, frozen))
+                        last_eval = self.evaluate(state, frozen)
+                        writer.write(step + 1, last_eval)
                     if preemption.any_process():
                         finish_pending()
                         checkpointer.save(step + 1, state, data_state, force=True)
@@ -554,6 +573,12 @@ class Trainer:
                 checkpointer.wait()
                 result: dict[str, Any] = {"final_step": final_step, "history": history,
                                           "state": state, "frozen": frozen}
+                self._run_record = {
+                    "data": [{"domain": d.name, "records": d.num_records,
+                              "group_size": d.group_size, "batch_size": d.batch_size}
+                             for d in pipeline.domains],
+                    "last_eval": last_eval,
+                }
                 if c.train.export_at_end:
                     result["export"] = self.export(state, frozen, final_step)
                 return result
@@ -588,6 +613,34 @@ class Trainer:
                                         batch_size=e.batch_size, max_length=e.max_length,
                                         split=e.split or None)
 
+    def model_card_record(self, step: int) -> dict[str, Any]:
+        """The run's record for the export's model card: resolved config, data, steps, and the
+        final loss and last evaluation as ``metrics.jsonl`` has them."""
+        from reasonembed_jax.model_card import base_model_license
+
+        c = self.config
+        record: dict[str, Any] = {
+            "base_model": os.path.basename(os.path.normpath(c.model.hf_dir)) if c.model.init == "hf"
+            else None,
+            "license": base_model_license(c.model.hf_dir) if c.model.init == "hf" else None,
+            "config": json.loads(c.to_json_best_effort()),
+            "data_sources": list(c.data.sources), "steps": step,
+        }
+        run = getattr(self, "_run_record", None) or {}
+        record["data"] = run.get("data")
+        metrics_path = os.path.join(self.workdir, "metrics.jsonl")
+        if os.path.isfile(metrics_path):
+            with open(metrics_path) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            losses = [r for r in rows if "loss" in r and r["step"] < step]
+            if losses:
+                record["final_loss"] = float(losses[-1]["loss"])
+                record["final_loss_step"] = losses[-1]["step"]
+        if run.get("last_eval"):
+            record["eval"] = {k: v for k, v in run["last_eval"].items()
+                              if isinstance(v, int | float)}
+        return record
+
     def export(self, state: dict, frozen: dict, step: int) -> str:
         """HF + sentence-transformers folder at ``workdir/export/step_N``; ``export/latest``
         points at it (the contract ``evaluate --workdir`` reads)."""
@@ -601,6 +654,7 @@ class Trainer:
             eos_token = tokenizer.convert_ids_to_tokens(int(self.config.data.eos_token_id))
         # Every process joins the parameter gathers; process 0 writes.
         hf_io.export_hf(params, self.model_cfg, out, tokenizer_dir=self.config.data.tokenizer,
+                        model_card=self.model_card_record(step),
                         pooling=self.config.model.pooling,
                         append_eos=bool(self.config.data.append_eos), eos_token=eos_token,
                         max_length=self.config.export.max_length,
