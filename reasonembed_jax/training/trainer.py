@@ -33,6 +33,7 @@ from reasonembed_jax.model.params import LAYER_PREFIX, init_param_value, param_s
 from reasonembed_jax.model.sharding import DEFAULT_RULES, make_mesh, named_sharding
 from reasonembed_jax.tiny_model import shrink_hf_config
 from reasonembed_jax.training.checkpoint import Checkpointer, abstract_like
+from reasonembed_jax.training.config import validate_config
 from reasonembed_jax.training.step import (
     StepConfig,
     make_optimizer,
@@ -258,11 +259,11 @@ class NanGuard:
     def update(self, step: int, skipped: bool, loss: float) -> None:
         self.streak = self.streak + 1 if skipped else 0
         if skipped:
-            log.warning("step %d: non-finite loss or gradient (loss=%s); update skipped "
+            log.warning("step %d: non-finite loss, gradient or update (loss=%s); update skipped "
                         "(%d in a row)", step, loss, self.streak)
         if self.streak >= self.max_consecutive:
             raise TrainingError(
-                f"{self.streak} consecutive steps had a non-finite loss or gradient (last at step "
+                f"{self.streak} consecutive steps had a non-finite loss, gradient or update (last at step "
                 f"{step}); stopping. Lower the learning rate, check the data, or compute in "
                 "float32.")
 
@@ -307,6 +308,10 @@ class Trainer:
     """Builds everything from a config; ``run()`` trains, ``dry_run()`` only plans memory."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        try:
+            validate_config(config)
+        except ValueError as e:
+            raise TrainingError(f"config.{e}") from None
         self.config = config
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
@@ -451,7 +456,7 @@ class Trainer:
 
         c = self.config
         pipeline = build_pipeline(c.data)
-        num_steps = int(c.train.num_steps or pipeline.num_steps)
+        num_steps = pipeline.num_steps if c.train.num_steps is None else int(c.train.num_steps)
         if num_steps > pipeline.num_steps:
             raise TrainingError(
                 f"train.num_steps={num_steps} but the data gives only {pipeline.num_steps} steps "
