@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from reasonembed_jax.hf_io import load_encoder, read_encoder_settings
+from reasonembed_jax.hf_io import content_hash, load_encoder, read_encoder_settings
 from reasonembed_jax.model.config import POOLING_MODES
 from reasonembed_jax.model.encoder import Encoder
 from reasonembed_jax.model.pooling import finish_pooled, pool
@@ -44,23 +44,6 @@ BATCH_AXES = ("data", "fsdp")
 # Length buckets ~1.5x apart (powers of two and their midpoints): at most ~1.5x padding instead of
 # 2x for powers of two alone, for twice as many (still few) compiled shapes.
 ENCODE_BUCKETS = tuple(sorted({b for k in range(5, 14) for b in (2**k, 3 * 2**(k - 1))}))
-
-
-def _weights_fingerprint(model_dir: str) -> str:
-    """Cheap identity of the weights: config, file sizes and headers, plus sampled content
-    blocks (hashing every byte of a 16 GB checkpoint would cost minutes)."""
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(model_dir)):
-        path = os.path.join(model_dir, name)
-        if not (name == "config.json" or name.endswith((".safetensors", ".safetensors.index.json"))):
-            continue
-        size = os.path.getsize(path)
-        h.update(f"{name}:{size}".encode())
-        with open(path, "rb") as f:
-            for k in range(65):
-                f.seek(min(size, k * max(size // 64, 1)))
-                h.update(f.read(65536))
-    return h.hexdigest()[:24]
 
 
 class TextEncoder:
@@ -140,14 +123,16 @@ class TextEncoder:
         if settings["append_eos"]:
             eos_id = embedding_eos_token_id(tokenizer, saved.get("eos_token"))
         identity = json.dumps(
-            {"weights": _weights_fingerprint(model_dir), "dtype": dtype, "attention": attention,
-             **settings}, sort_keys=True)
+            {"weights": content_hash(model_dir), "dtype": dtype, "attention": attention,
+             "tokenizer": content_hash(tokenizer_dir) if tokenizer_dir else None, **settings},
+            sort_keys=True)
         return cls(model, tokenizer, eos_token_id=eos_id, batch_size=batch_size, mesh=mesh,
                    identity=identity, **settings)
 
     @property
     def cache_key(self) -> str:
-        """A hex digest of the weights fingerprint and every setting that changes embeddings."""
+        """A hex digest of the full weight, config and tokenizer content (``hf_io.content_hash``)
+        and every setting that changes embeddings."""
         payload = self._identity or json.dumps(
             {"model": id(self.model), "pooling": self.pooling, "dim": self.dim})
         payload += json.dumps([self.pooling, self.normalize, self.append_eos, self.max_length,

@@ -8,6 +8,7 @@ two full host copies. Export writes an HF folder that ``transformers.AutoModel``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -327,6 +328,7 @@ def export_hf(
                 "query_instruction": query_instruction}
     with open(os.path.join(out_dir, ENCODER_SETTINGS_FILE), "w") as f:
         json.dump(settings, f, indent=2)
+    write_content_hash(out_dir)  # last: the embedding cache's identity of this folder
     return out_dir
 
 
@@ -411,3 +413,86 @@ def _sentence_transformers_settings(model_dir: str) -> dict[str, Any]:
         if max_length:
             settings["max_length"] = int(max_length)
     return settings
+
+
+# ---------------------------------------------------------------------------------------------
+# Content hash of a model folder (embedding-cache identity)
+# ---------------------------------------------------------------------------------------------
+
+CONTENT_HASH_FILE = "reasonembed_content_hash.json"
+HASH_ALGORITHM = "sha256"  # hardware-accelerated on x86 (SHA-NI) and ARMv8: the fastest here
+
+
+def _hashed_file(name: str) -> bool:
+    """The files whose bytes decide an embedding: weights, config and tokenizer."""
+    return (name == "config.json" or name in TOKENIZER_FILES
+            or name.endswith((".safetensors", ".safetensors.index.json")))
+
+
+def file_digest(path: str | os.PathLike, *, chunk_bytes: int = 16 * 2**20) -> str:
+    """Hex digest of every byte of a file, read in chunks (no full copy in memory)."""
+    h = hashlib.new(HASH_ALGORITHM)
+    buf = bytearray(chunk_bytes)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _file_records(folder: str, recorded: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not (_hashed_file(name) and os.path.isfile(path)):
+            continue
+        st = os.stat(path)
+        old = recorded.get(name) or {}
+        if old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns and old.get(
+                "digest"):
+            digest = old["digest"]
+        else:
+            digest = file_digest(path)
+        out[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "digest": digest}
+    return out
+
+
+def content_hash(folder: str | os.PathLike) -> str:
+    """One digest of the full content of a model folder's weight, config and tokenizer files.
+
+    Trust model: ``CONTENT_HASH_FILE`` (written by ``export_hf``) records each file's digest
+    with its size and modification time; a file whose size and mtime still match is taken from
+    the record, any other file (new, rewritten, copied without its times) is hashed again. So a
+    folder changed in place is always re-hashed; only a deliberate rewrite that restores the
+    old mtime could fool it.
+    """
+    folder = os.fspath(folder)
+    recorded: dict[str, Any] = {}
+    path = os.path.join(folder, CONTENT_HASH_FILE)
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            if saved.get("algorithm") == HASH_ALGORITHM:
+                recorded = saved.get("files", {})
+        except (OSError, ValueError):
+            recorded = {}
+    return content_hash_of_records(_file_records(folder, recorded))
+
+
+def write_content_hash(folder: str | os.PathLike) -> str:
+    """Hashes ``folder`` and records the per-file digests in ``CONTENT_HASH_FILE`` so readers
+    (the evaluation cache) need not re-read the weights. Returns the folder digest."""
+    folder = os.fspath(folder)
+    files = _file_records(folder, {})
+    digest = content_hash_of_records(files)
+    with open(os.path.join(folder, CONTENT_HASH_FILE), "w") as f:
+        json.dump({"algorithm": HASH_ALGORITHM, "digest": digest, "files": files}, f, indent=2)
+    return digest
+
+
+def content_hash_of_records(files: Mapping[str, Mapping[str, Any]]) -> str:
+    total = hashlib.new(HASH_ALGORITHM)
+    for name in sorted(files):
+        total.update(f"{name}\0{files[name]['digest']}\n".encode())
+    return total.hexdigest()

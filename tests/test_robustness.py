@@ -60,3 +60,54 @@ def test_non_finite_update_is_never_applied():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for leaf in jax.tree.leaves(new["opt_state"]):
         assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+# -- embedding cache identity -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, shared_data):
+    from reasonembed_jax.tiny_model import write_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    write_tiny_model(str(shared_data / "hf_configs" / "Qwen3-0.6B"), str(out),
+                     tokenizer_dir=str(shared_data / "qwen3_tokenizer"), append_eos=True, seed=0)
+    return out
+
+
+def test_cache_key_sees_every_weight_byte(tiny_model_dir, tmp_path):
+    """Two models of the same shapes that differ in a few bytes of one tensor (where a sampled
+    fingerprint does not look) must not share cached corpus embeddings."""
+    import os
+    import shutil
+    import struct
+
+    from reasonembed_jax import hf_io
+    from reasonembed_jax.encode import TextEncoder
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)  # copy2: times kept, so the recorded hashes apply
+    weights = other / "model.safetensors"
+    size = weights.stat().st_size
+    step = size // 64
+    assert step > 2 * 65536, "the test needs a weight file larger than the sampled blocks"
+    offset = (32 * step + 65536 + 4096) // 8 * 8  # between two sampled 64 KiB blocks
+    (header_len,) = struct.unpack("<Q", weights.read_bytes()[:8])
+    assert offset > 8 + header_len
+    with open(weights, "r+b") as f:
+        f.seek(offset)
+        old = f.read(8)
+        f.seek(offset)
+        f.write(bytes(b ^ 0x01 for b in old))  # flip the lowest mantissa bits
+    assert weights.stat().st_size == size
+
+    a = TextEncoder.from_pretrained(tiny_model_dir, max_length=16)
+    b = TextEncoder.from_pretrained(other, max_length=16)
+    assert a.cache_key != b.cache_key
+    # The digest recorded by the export is the digest of the files (re-hashed without it).
+    recorded = hf_io.content_hash(tiny_model_dir)
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_model_dir, plain)
+    os.remove(plain / hf_io.CONTENT_HASH_FILE)
+    assert hf_io.content_hash(plain) == recorded
+    assert hf_io.content_hash(other) != recorded
