@@ -111,3 +111,38 @@ def test_cache_key_sees_every_weight_byte(tiny_model_dir, tmp_path):
     os.remove(plain / hf_io.CONTENT_HASH_FILE)
     assert hf_io.content_hash(plain) == recorded
     assert hf_io.content_hash(other) != recorded
+
+
+# -- RI-InfoNCE on a solved batch ---------------------------------------------------------------
+
+
+def _np_ri_weights(losses, reasoning_losses, kappa, eps=1e-6):
+    w = np.clip(np.asarray(losses, np.float64) / (np.asarray(reasoning_losses, np.float64) + eps),
+                0.0, kappa)
+    return w / w.sum() if w.sum() > 0 else np.full(w.shape, 1.0 / w.shape[0])
+
+
+@pytest.mark.parametrize("solved", ["all", "half"])
+def test_ri_infonce_solved_batch_has_uniform_weights_not_nan(solved):
+    from reasonembed_jax import losses
+
+    b, g, d = 4, 2, 8
+    rng = np.random.default_rng(0)
+    p = np.zeros((b * g, d), np.float32)
+    p[np.arange(b * g), np.arange(b * g)] = 1.0  # orthonormal passages
+    q = p[::g].copy()  # every query equals its positive: loss exactly 0 at tau 0.02 in float32
+    if solved == "half":
+        q[: b // 2] = rng.normal(size=(b // 2, d)).astype(np.float32)
+    rq = rng.normal(size=(b, d)).astype(np.float32)
+    loss, aux = losses.ri_infonce_loss(jnp.asarray(q), jnp.asarray(p), jnp.asarray(rq),
+                                       group_size=g, temperature=0.02, kappa=5.0)
+    if solved == "all":
+        assert np.all(np.asarray(aux["per_query_loss"]) == 0.0)
+    expected = _np_ri_weights(aux["per_query_loss"], aux["reasoning_loss"], 5.0)
+    np.testing.assert_allclose(np.asarray(aux["weights"]), expected, rtol=1e-5)
+    assert np.isfinite(float(loss))
+    assert float(aux["ri_uniform"]) == (1.0 if solved == "all" else 0.0)
+    # Before the RI warm-up ends the weights are uniform anyway and nothing is counted.
+    _, warm = losses.ri_infonce_loss(jnp.asarray(q), jnp.asarray(p), jnp.asarray(rq),
+                                     group_size=g, use_weights=False)
+    assert float(warm["ri_uniform"]) == 0.0

@@ -321,6 +321,8 @@ def make_train_step(
         if "reasoning_intensity" in aux:
             metrics["ri_mean"] = jnp.mean(aux["reasoning_intensity"])
             metrics["reasoning_loss"] = jnp.mean(aux["reasoning_loss"])
+        if "ri_uniform" in aux:  # 1: every query solved, RI weights fell back to uniform
+            metrics["ri_uniform"] = aux["ri_uniform"]
         return new_state, metrics
 
     return train_step

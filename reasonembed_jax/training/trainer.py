@@ -495,6 +495,8 @@ class Trainer:
         bar = tqdm(total=num_steps, initial=start, unit="step", file=sys.stderr,
                    disable=not c.train.progress_bar or jax.process_index() != 0)
 
+        ri_uniform_steps = [0]  # this process's run so far
+
         def finish_pending() -> None:
             nonlocal pending
             if pending is None:
@@ -507,6 +509,9 @@ class Trainer:
             if peak:
                 m["mfu"] = info["flops"] / max(seconds, 1e-9) / (peak * jax.device_count())
             m["domain"] = info["domain"]
+            if "ri_uniform" in m:  # solved batches whose RI weights fell back to uniform
+                ri_uniform_steps[0] += int(m["ri_uniform"])
+                m["ri_uniform_steps"] = ri_uniform_steps[0]
             history.append({"step": step, **m})
             if step % c.train.log_every == 0 or m["skipped"] or step == num_steps - 1:
                 writer.write(step, {**m, **pipeline.stats.as_metrics()})
