@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from reasonembed_jax.cli import positive_int, run_cli
 from reasonembed_jax.hf_io import content_hash, load_encoder, read_encoder_settings
 from reasonembed_jax.model.config import POOLING_MODES
 from reasonembed_jax.model.encoder import Encoder
@@ -105,6 +106,9 @@ class TextEncoder:
         """Loads a local HF folder. Unset options come from ``reasonembed_encoder.json`` (written
         by our export) or default to last-token pooling, normalisation, no EOS append, 512."""
         model_dir = os.fspath(model_dir)
+        for name, value in (("max_length", max_length), ("dim", dim), ("batch_size", batch_size)):
+            if value is not None and value < 1:  # None is unset; 0 is an error, not "unset"
+                raise ValueError(f"{name} must be >= 1, got {value}")
         saved = read_encoder_settings(model_dir)
         mesh = mesh if mesh is not None else make_mesh(data=-1)
         runtime = {} if attention is None else {"attention": attention}
@@ -115,7 +119,7 @@ class TextEncoder:
             "normalize": saved.get("normalize", True) if normalize is None else normalize,
             "append_eos": saved.get("append_eos", False) if append_eos is None else append_eos,
             # BERT-family models cannot go past their position table.
-            "max_length": max_length or saved.get(
+            "max_length": max_length if max_length is not None else saved.get(
                 "max_length", min(512, model.config.max_position_embeddings)),
             "dim": dim,
         }
@@ -240,19 +244,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--instruction", default=None,
                         help="embed as queries: 'Instruct: {instruction}\\nQuery: {text}'")
     parser.add_argument("--out", required=True, help="output .npy path")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--max-length", type=positive_int, default=None,
                         help="max tokens per text (default: the model's saved setting or 512)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="parameter and compute dtype")
     parser.add_argument("--pooling", default=None, choices=list(POOLING_MODES))
-    parser.add_argument("--dim", type=int, default=None, help="Matryoshka truncation dimension")
+    parser.add_argument("--dim", type=positive_int, default=None, help="Matryoshka truncation dimension")
     parser.add_argument("--append-eos", default=None, action=argparse.BooleanOptionalAction,
                         help="append EOS and pool it (Qwen3-Embedding style)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error("--batch-size must be >= 1")
 
     texts = read_jsonl_texts(args.input, args.text_field)
     encoder = TextEncoder.from_pretrained(
@@ -275,4 +277,4 @@ if __name__ == "__main__":
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-    raise SystemExit(main())
+    run_cli(main)

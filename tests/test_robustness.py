@@ -146,3 +146,20 @@ def test_ri_infonce_solved_batch_has_uniform_weights_not_nan(solved):
     _, warm = losses.ri_infonce_loss(jnp.asarray(q), jnp.asarray(p), jnp.asarray(rq),
                                      group_size=g, use_weights=False)
     assert float(warm["ri_uniform"]) == 0.0
+
+
+# -- 0 is not "unset" ---------------------------------------------------------------------------
+
+
+def test_zero_max_length_is_an_error_not_the_default(tiny_model_dir, tmp_path, capsys):
+    from reasonembed_jax import encode
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"text": "moths"}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        encode.main(["--model", str(tiny_model_dir), "--input", str(docs), "--out",
+                     str(tmp_path / "e.npy"), "--max-length", "0", "--no-progress"])
+    assert exit_info.value.code == 2 and "--max-length" in capsys.readouterr().err
+    assert not (tmp_path / "e.npy").exists()
+    with pytest.raises(ValueError, match="max_length must be >= 1, got 0"):
+        encode.TextEncoder.from_pretrained(tiny_model_dir, max_length=0)
