@@ -2,6 +2,10 @@
 stale embedding caches, truncated inputs, damaged checkpoints, half-written exports, full
 disks, preemption and CLI user errors. Each test failed on the code before its fix."""
 
+import pathlib
+import re
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +14,7 @@ from flax import nnx
 from test_train_parallel import _tiny_model_config
 
 from reasonembed_jax.model import Encoder
+from reasonembed_jax.records import RecordError
 from reasonembed_jax.training.step import StepConfig, make_optimizer, make_train_step
 from reasonembed_jax.training.trainer import Trainer, TrainingError
 from train_configs import random_batch, tiny_train_config
@@ -163,3 +168,50 @@ def test_zero_max_length_is_an_error_not_the_default(tiny_model_dir, tmp_path, c
     assert not (tmp_path / "e.npy").exists()
     with pytest.raises(ValueError, match="max_length must be >= 1, got 0"):
         encode.TextEncoder.from_pretrained(tiny_model_dir, max_length=0)
+
+
+# -- truncated .jsonl.gz ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def truncated_gz(tmp_path):
+    from reasonembed_jax.data.pipeline import DEMO_DATA_DIR
+
+    data = (pathlib.Path(DEMO_DATA_DIR) / "biology.jsonl.gz").read_bytes()
+    path = tmp_path / "biology.jsonl.gz"
+    path.write_bytes(data[: len(data) // 2])  # an interrupted copy
+    # The reference: the complete lines a streaming decompressor recovers (zlib, not gzip).
+    text = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data[: len(data) // 2])
+    complete = [line for line in text.split(b"\n")[:-1] if line.strip()]
+    return path, complete
+
+
+def test_truncated_gzip_is_counted_with_its_name_and_the_run_goes_on(truncated_gz, tmp_path):
+    from reasonembed_jax.data.index import index_records
+    from reasonembed_jax.data.sources import open_source
+
+    path, complete = truncated_gz
+    source = open_source(str(path))
+    index = index_records([source], [None])
+    assert 0 < len(complete) == index.stats.num_valid == len(source)
+    assert [source[i] for i in range(len(source))] == complete
+    assert index.stats.bad_counts == {"truncated_file": 1}
+    assert str(path) in index.stats.summary()
+    assert index.stats.as_metrics()["data/records_skipped/truncated_file"] == 1.0
+    with pytest.raises(RecordError, match=rf"{re.escape(str(path))}:\d+: compressed data ends"):
+        index_records([open_source(str(path))], [None], strict=True)
+
+
+def test_convert_reads_a_truncated_gzip_or_stops_clearly_when_strict(truncated_gz, tmp_path,
+                                                                      capsys):
+    from reasonembed_jax.data import convert
+    from reasonembed_jax.data.sources import open_source
+
+    path, complete = truncated_gz
+    assert convert.main([str(path), "--out-dir", str(tmp_path / "out")]) == 0
+    out = open_source(str(tmp_path / "out" / "biology.array_record"))
+    assert [out[i] for i in range(len(out))] == complete
+    err = capsys.readouterr().err
+    assert f"{path}" in err and "truncated_file=1" in err
+    assert convert.main([str(path), "--out-dir", str(tmp_path / "strict"), "--strict"]) == 2
+    assert "compressed data ends early" in capsys.readouterr().err

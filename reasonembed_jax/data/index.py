@@ -33,6 +33,7 @@ BAD_INPUT_KINDS = (
     "length_mismatch",
     "missing_domain",
     "domain_mismatch",
+    "truncated_file",
     "invalid",
 )
 
@@ -49,6 +50,7 @@ def classify_record_error(reason: str) -> str:
         ("entries but its texts have", "length_mismatch"),
         ("no domain", "missing_domain"),
         ("domain mismatch", "domain_mismatch"),
+        ("compressed data ends early", "truncated_file"),
         ("must be", "wrong_type"),
     )
     for needle, kind in rules:
@@ -101,6 +103,23 @@ class InputStats:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def note_source(source: RecordSource, stats: InputStats, *, strict: bool) -> None:
+    """Adds a source's blank lines to ``stats``; a truncated gzip file (its readable lines are
+    used) is counted as bad input naming the file, or with ``strict`` raises ``RecordError``."""
+    stats.num_blank_lines += getattr(source, "num_blank_lines", 0)
+    truncation = getattr(source, "truncation", None)
+    if truncation is None:
+        return
+    line, cause = truncation
+    err = RecordError(f"compressed data ends early ({cause}): the file is truncated or damaged; "
+                      f"{len(source)} records before line {line} are used",
+                      source=source.path, line=line)
+    if strict:
+        raise err
+    log.warning("%s", err)
+    stats.add_bad(err)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +216,7 @@ def index_records(
     batches: dict[str, set[int]] = collections.defaultdict(set)
     for source_id, (source, assigned) in enumerate(zip(sources, assigned_domains, strict=True)):
         offsets[source_id + 1] = offsets[source_id] + len(source)
-        stats.num_blank_lines += source.num_blank_lines
+        note_source(source, stats, strict=strict)
         fallback = domain_from_path(source.path) if domain_from_filename else None
         for position, raw in enumerate(source.iter_raw()):
             try:
