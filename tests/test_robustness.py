@@ -215,3 +215,78 @@ def test_convert_reads_a_truncated_gzip_or_stops_clearly_when_strict(truncated_g
     assert f"{path}" in err and "truncated_file=1" in err
     assert convert.main([str(path), "--out-dir", str(tmp_path / "strict"), "--strict"]) == 2
     assert "compressed data ends early" in capsys.readouterr().err
+
+
+# -- damaged checkpoints ------------------------------------------------------------------------
+
+
+def _damage(step_dir):
+    for f in step_dir.rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\x00garbage")
+
+
+def test_damaged_checkpoint_is_quarantined_and_saved_again(tmp_path):
+    """Falling back past a damaged step moves it aside; resuming from the previous step and
+    training up to it again saves it again, and the saved run equals an uninterrupted one."""
+    from reasonembed_jax.training.checkpoint import Checkpointer, abstract_like
+
+    c = tiny_train_config(steps=4, devices=1)
+    c.mesh.data = 1
+    c.train.checkpoint_every = 2
+    c.train.async_checkpoints = False
+    full = Trainer(c, str(tmp_path / "run")).run()
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [2, 4]
+    _damage(ckpts / "4")
+    resumed = Trainer(c, str(tmp_path / "run")).run()
+    assert resumed["history"][0]["step"] == 2  # fell back to step 2
+    assert (tmp_path / "run" / "checkpoints.damaged" / "4-0").is_dir()
+    for a, b in zip(jax.tree.leaves(resumed["state"]["params"]),
+                    jax.tree.leaves(full["state"]["params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Step 4 was saved again: the next start resumes there, with the same parameters.
+    step, state, _ = Checkpointer(str(ckpts), every=2, keep=3).restore_latest(
+        abstract_like(full["state"]))
+    assert step == 4
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(full["state"]["params"]),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# -- exports appear whole or not at all ---------------------------------------------------------
+
+
+def test_export_interrupted_leaves_no_half_folder(tmp_path, monkeypatch, qwen3_tokenizer_dir):
+    """A failure (or a kill) part-way through an export: ``out`` never holds a partial folder,
+    and an earlier export there stays whole."""
+    import errno
+
+    from reasonembed_jax import hf_io
+
+    cfg = _tiny_model_config()
+    params = Encoder(cfg, rngs=nnx.Rngs(0)).params()
+    out = tmp_path / "export" / "step_3"
+    seen = {}
+    real = hf_io._write_sentence_transformers_files
+
+    def interrupted(out_dir, *args):
+        real(out_dir, *args)
+        seen["out_exists_mid_export"] = out.exists()  # what a kill here would leave
+        raise OSError(errno.ENOSPC, "No space left on device", str(out_dir))
+
+    monkeypatch.setattr(hf_io, "_write_sentence_transformers_files", interrupted)
+    with pytest.raises(OSError, match="No space left"):
+        hf_io.export_hf(params, cfg, out, tokenizer_dir=qwen3_tokenizer_dir, dtype="float32")
+    assert seen == {"out_exists_mid_export": False}
+    assert not out.exists() and list(out.parent.iterdir()) == []
+
+    monkeypatch.setattr(hf_io, "_write_sentence_transformers_files", real)
+    hf_io.export_hf(params, cfg, out, tokenizer_dir=qwen3_tokenizer_dir, dtype="float32")
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    monkeypatch.setattr(hf_io, "_write_sentence_transformers_files", interrupted)
+    with pytest.raises(OSError):
+        hf_io.export_hf(params, cfg, out, tokenizer_dir=qwen3_tokenizer_dir, dtype="float32")
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["step_3"]
+    hf_io.load_encoder(out)  # still loads

@@ -2,7 +2,8 @@
 
 A save is asynchronous; Orbax writes into a temporary folder and renames it when complete, so
 a kill mid-save leaves no half checkpoint under a step name. If the newest checkpoint still
-fails to restore (damaged files), the previous one is used and a warning says so.
+fails to restore (damaged files), it is moved to ``<directory>.damaged/`` (so that step is saved
+again when the run reaches it), the previous one is used and a warning says so.
 """
 
 from __future__ import annotations
@@ -59,12 +60,33 @@ class Checkpointer:
             except Exception as err:  # noqa: BLE001 (any failure means: try the previous one)
                 log.warning("checkpoint at step %d in %s cannot be restored (%s: %s); "
                             "falling back to the previous checkpoint", step, self.directory,
-                            type(err).__name__, str(err).splitlines()[0][:200])
+                            type(err).__name__, (str(err).splitlines() or [""])[0][:200])
+                self.quarantine(step)
                 continue
             if step != steps[-1]:
                 log.warning("resumed from step %d, not the newest step %d", step, steps[-1])
             return step, restored["state"], dict(restored["data"])
         return None
+
+    def quarantine(self, step: int) -> str:
+        """Moves a damaged step out of the way (to ``<directory>.damaged/<step>-<n>``), so the run
+        saves that step again when it gets there instead of redoing it on every restart
+        (Orbax refuses to save over an existing step). Returns the new place."""
+        target_dir = self.directory + ".damaged"
+        src = os.path.join(self.directory, str(step))
+        n = 0
+        while os.path.exists(dst := os.path.join(target_dir, f"{step}-{n}")):
+            n += 1
+        if jax.process_index() == 0 and os.path.isdir(src):
+            os.makedirs(target_dir, exist_ok=True)
+            os.replace(src, dst)
+            log.warning("moved the damaged checkpoint %s to %s", src, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
+        self.manager.reload()
+        return dst
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
