@@ -8,12 +8,13 @@ two full host copies. Export writes an HF folder that ``transformers.AutoModel``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -257,6 +258,46 @@ def _append_eos_post_processor(tokenizer_json: dict[str, Any], eos: str, eos_id:
     }
 
 
+@contextlib.contextmanager
+def atomic_folder(out_dir: str | os.PathLike, *, writer: bool = True) -> Iterator[str]:
+    """Write a folder all at once: yields a temporary sibling folder to fill; when the block
+    ends without error it takes ``out_dir``'s place by rename (an existing ``out_dir`` is
+    replaced), on error it is removed. A kill part-way leaves ``out_dir`` as it was, never a
+    half-written folder (only a hidden ``.NAME.partial-PID`` sibling, cleared by the next write).
+
+    ``writer=False`` (the non-writing processes of a multi-host export) yields the temporary
+    path and touches nothing. Reusable by anything that writes a model folder::
+
+        with atomic_folder(out) as tmp:
+            write_files(tmp)
+    """
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    parent, name = os.path.split(out_dir)
+    tmp = os.path.join(parent, f".{name}.partial-{os.getpid()}")
+    if not writer:
+        yield tmp
+        return
+    os.makedirs(parent, exist_ok=True)
+    for stale in os.listdir(parent):  # left by a killed earlier write of the same folder
+        if stale.startswith(f".{name}.partial-") or stale.startswith(f".{name}.old-"):
+            shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = os.path.join(parent, f".{name}.old-{os.getpid()}")
+    if os.path.lexists(out_dir):
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if os.path.lexists(old):
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.remove(old)
+
+
 def export_hf(
     params: Mapping[str, jax.Array],
     config: ModelConfig,
@@ -278,23 +319,36 @@ def export_hf(
     tokenizer files (with an EOS-appending post-processor when ``append_eos``),
     ``modules.json`` + ``sentence_bert_config.json`` + ``1_Pooling/config.json`` (+ ``2_Normalize``)
     + ``config_sentence_transformers.json`` (query prompt), and ``reasonembed_encoder.json`` with
-    the pooling settings ``TextEncoder`` reads back. Pass LoRA-merged ``params``.
+    the pooling settings ``TextEncoder`` reads back, and ``reasonembed_content_hash.json``.
+    Pass LoRA-merged ``params``. The folder appears complete or not at all (``atomic_folder``);
+    an existing ``out_dir`` is replaced (``tokenizer_dir`` may be that folder).
     """
     out_dir = os.fspath(out_dir)
-    if is_primary():
-        os.makedirs(out_dir, exist_ok=True)
+    with atomic_folder(out_dir, writer=is_primary()) as tmp:
+        _export_hf_files(params, config, tmp, tokenizer_dir=tokenizer_dir, pooling=pooling,
+                         normalize=normalize, append_eos=append_eos, eos_token=eos_token,
+                         max_length=max_length, query_instruction=query_instruction, dtype=dtype,
+                         max_shard_bytes=max_shard_bytes)
+    return out_dir
+
+
+def _export_hf_files(
+    params: Mapping[str, jax.Array], config: ModelConfig, out_dir: str, *,
+    tokenizer_dir: str | os.PathLike | None, pooling: str, normalize: bool, append_eos: bool,
+    eos_token: str | None, max_length: int, query_instruction: str | None, dtype: str | None,
+    max_shard_bytes: int,
+) -> None:
     dtype = dtype or _source_dtype(config)
     write_hf_weights(params, config, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
     if not is_primary():
-        return out_dir
+        return
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config.to_hf(torch_dtype=dtype), f, indent=2, sort_keys=True)
 
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             src = os.path.join(os.fspath(tokenizer_dir), name)
-            if os.path.isfile(src) and os.path.abspath(src) != os.path.join(
-                    os.path.abspath(out_dir), name):
+            if os.path.isfile(src):
                 shutil.copyfile(src, os.path.join(out_dir, name))
     tok_json_path = os.path.join(out_dir, "tokenizer.json")
     tok_cfg_path = os.path.join(out_dir, "tokenizer_config.json")
@@ -329,7 +383,6 @@ def export_hf(
     with open(os.path.join(out_dir, ENCODER_SETTINGS_FILE), "w") as f:
         json.dump(settings, f, indent=2)
     write_content_hash(out_dir)  # last: the embedding cache's identity of this folder
-    return out_dir
 
 
 _ST_POOLING = {"last_token": "lasttoken", "mean": "mean", "first_token": "cls"}
