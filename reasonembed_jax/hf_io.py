@@ -284,6 +284,12 @@ def atomic_folder(out_dir: str | os.PathLike, *, writer: bool = True) -> Iterato
     os.makedirs(tmp)
     try:
         yield tmp
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.filename is None:  # a failed write (disk full) names no file: name the folder
+            raise OSError(err.errno, f"{err.strerror or err} while writing; {out_dir} is "
+                          "unchanged", out_dir) from err
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
