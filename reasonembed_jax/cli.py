@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import logging
 import math
 import os
 import sys
@@ -98,7 +97,6 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None],
         message = user_error_message(err)
         if message is None or os.environ.get("REASONEMBED_TRACEBACK"):
             raise
-        logging.shutdown()
         print(f"error: {message}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     sys.exit(code or 0)

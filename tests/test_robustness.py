@@ -2,6 +2,7 @@
 stale embedding caches, truncated inputs, damaged checkpoints, half-written exports, full
 disks, preemption and CLI user errors. Each test failed on the code before its fix."""
 
+import json
 import pathlib
 import re
 import zlib
@@ -241,7 +242,6 @@ def test_damaged_checkpoint_is_quarantined_and_saved_again(tmp_path):
     _damage(ckpts / "4")
     resumed = Trainer(c, str(tmp_path / "run")).run()
     assert resumed["history"][0]["step"] == 2  # fell back to step 2
-    assert (tmp_path / "run" / "checkpoints.damaged" / "4-0").is_dir()
     for a, b in zip(jax.tree.leaves(resumed["state"]["params"]),
                     jax.tree.leaves(full["state"]["params"]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -252,6 +252,7 @@ def test_damaged_checkpoint_is_quarantined_and_saved_again(tmp_path):
     for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(full["state"]["params"]),
                     strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert (tmp_path / "run" / "checkpoints.damaged" / "4-0").is_dir()
 
 
 # -- exports appear whole or not at all ---------------------------------------------------------
@@ -331,3 +332,79 @@ def test_full_disk_is_one_line_with_the_path_and_keeps_the_previous_checkpoint(t
         abstract_like(state))
     assert step == 1 and data == {"grain": {"n": 1}}
     np.testing.assert_array_equal(np.asarray(got["w"]), np.arange(6.0))
+
+
+# -- preemption and CLI errors ------------------------------------------------------------------
+
+
+def test_sigterm_saves_and_exits_with_the_requeue_code(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from test_train_cli import _env, _train_cmd
+
+    from reasonembed_jax.cli import EXIT_PREEMPTED
+    from train_configs import ROOT, write_config_file
+
+    config = write_config_file(tmp_path / "c.py", steps=90, devices=1, domains=("biology",),
+                               log_every=1, checkpoint_every=1000)
+    work = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(config, work), cwd=ROOT, env=_env(1),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    metrics = work / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be preempted"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == EXIT_PREEMPTED == 75, err[-3000:]
+    assert "preempted: stopped at step" in err and "Traceback" not in err
+    stopped = json.loads(out)["stopped_at"]
+    assert 1 <= stopped < 90
+    assert (work / "checkpoints" / str(stopped)).is_dir()
+    assert not (work / "export").exists()
+
+
+@pytest.mark.parametrize("module,argv", [
+    ("encode", ["--model", "{missing}", "--input", "{missing}/docs.jsonl", "--out", "{tmp}/e.npy"]),
+    ("encode", ["--model", "{tmp}", "--input", "{bad_jsonl}", "--out", "{tmp}/e.npy"]),
+    ("evaluate", ["--model", "bm25", "--data", "beir:{missing}", "--out", "{tmp}/r.json"]),
+    ("tiny_model", ["--config", "{missing}", "--out", "{tmp}/tiny"]),
+    ("data.build_records", ["bright", "--bright-dir", "{missing}", "--out-dir", "{tmp}/o"]),
+    ("data.convert", ["{missing}/a.jsonl.gz", "--out-dir", "{tmp}/o"]),
+    ("data.tfds_builder", ["{missing}/a.jsonl.gz", "--data-dir", "{tmp}/o"]),
+])
+def test_cli_user_error_is_one_line_and_exit_code_2(module, argv, tmp_path, capsys, monkeypatch):
+    import runpy
+    import sys
+
+    missing = tmp_path / "no_such_folder"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": \n')
+    argv = [a.format(missing=missing, tmp=tmp_path, bad_jsonl=bad) for a in argv]
+    monkeypatch.setattr(sys, "argv", [f"reasonembed_jax.{module}", *argv])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_module(f"reasonembed_jax.{module}", run_name="__main__", alter_sys=True)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert info.value.code == 2, err[-2000:]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert str(missing) in lines[0] or str(bad) in lines[0]
+
+
+def test_train_cli_bad_setting_is_one_line_and_exit_code_2(tmp_path):
+    import subprocess
+
+    from test_train_cli import _env, _train_cmd
+
+    from train_configs import ROOT
+
+    proc = subprocess.run(_train_cmd("configs/demo.py", tmp_path, "--config.optim.learning_rate=nan"),
+                          capture_output=True, text=True, cwd=ROOT, env=_env(1), timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: config.optim.learning_rate must be finite, got nan" in proc.stderr
+    assert "Traceback" not in proc.stderr

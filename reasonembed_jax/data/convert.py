@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from collections.abc import Iterator, Sequence
 
+from reasonembed_jax.cli import run_cli
 from reasonembed_jax.data.index import InputStats, check_record, note_source
 from reasonembed_jax.data.sources import JsonlSource, domain_from_path, write_array_record
 from reasonembed_jax.records import RecordError
@@ -88,4 +88,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -18,10 +18,10 @@ import argparse
 import functools
 import logging
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from reasonembed_jax.cli import run_cli
 from reasonembed_jax.data.index import InputStats, check_record, note_source
 from reasonembed_jax.data.sources import JsonlSource, domain_from_path
 from reasonembed_jax.records import RecordError
@@ -181,4 +181,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

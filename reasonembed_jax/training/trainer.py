@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reasonembed_jax import hf_io
+from reasonembed_jax.cli import UserError
 from reasonembed_jax.distributed import to_host
 from reasonembed_jax.lora import PROJECTIONS, LoraConfig, init_lora, lora_param_shapes, merge_lora
 from reasonembed_jax.model.encoder import ModelConfig, config_from_hf, config_from_hf_dir
@@ -48,8 +49,8 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5p": 459.0, "T
                "TPU v5e": 197.0, "TPU v4": 275.0, "TPU v6": 918.0}
 
 
-class TrainingError(RuntimeError):
-    pass
+class TrainingError(UserError, RuntimeError):
+    """A setting, input or run condition the user must change (one line on the CLI)."""
 
 
 # ---------------------------------------------------------------------------------------------
