@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -44,6 +45,7 @@ from reasonembed_jax.text import (
 BATCH_AXES = ("data", "fsdp")
 # Length buckets ~1.5x apart (powers of two and their midpoints): at most ~1.5x padding instead of
 # 2x for powers of two alone, for twice as many (still few) compiled shapes.
+log = logging.getLogger(__name__)
 ENCODE_BUCKETS = tuple(sorted({b for k in range(5, 14) for b in (2**k, 3 * 2**(k - 1))}))
 
 
@@ -184,10 +186,16 @@ class TextEncoder:
                 raise TypeError(f"text {i} is {type(t).__name__}, not str")
         n = len(texts)
         out = np.zeros((n, self.embedding_dim), dtype=np.float32)
+        empty = [i for i, t in enumerate(texts) if not t.strip()]
+        self.num_empty_texts = len(empty)  # of the last call
+        if empty:
+            log.warning("%d of %d texts are empty or blank (first at index %s): they all get the "
+                        "embedding of an empty input, which means nothing; check the input",
+                        len(empty), n, ", ".join(map(str, empty[:5])))
         if n == 0:
             return out
-        max_length = max_length or self.max_length
-        batch_size = batch_size or self.batch_size
+        max_length = self.max_length if max_length is None else max_length
+        batch_size = self.batch_size if batch_size is None else batch_size
         data_parallel = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         rows_per_batch = -(-batch_size // data_parallel) * data_parallel
         inputs = [format_query(t, instruction) for t in texts] if instruction else list(texts)

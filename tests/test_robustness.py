@@ -408,3 +408,40 @@ def test_train_cli_bad_setting_is_one_line_and_exit_code_2(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: config.optim.learning_rate must be finite, got nan" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# -- suspicious but valid input -----------------------------------------------------------------
+
+
+def test_empty_texts_are_warned_and_counted(tiny_model_dir, caplog):
+    from reasonembed_jax.encode import TextEncoder
+
+    encoder = TextEncoder.from_pretrained(tiny_model_dir, max_length=16)
+    with caplog.at_level("WARNING"):
+        emb = encoder.encode(["moths", "", "  \n"], progress=False)
+    assert emb.shape[0] == 3 and encoder.num_empty_texts == 2
+    assert "2 of 3 texts are empty or blank (first at index 1, 2)" in caplog.text
+    caplog.clear()
+    encoder.encode(["moths"], progress=False)
+    assert encoder.num_empty_texts == 0 and "empty" not in caplog.text
+
+
+def test_duplicate_ids_and_identical_records_are_warned_and_counted(tmp_path, caplog):
+    from reasonembed_jax.data.index import index_records
+    from reasonembed_jax.data.sources import open_source
+
+    def rec(rid, query):
+        return {"id": rid, "prompt": "p", "query": query, "pos": ["a"], "neg": ["b", "c"]}
+
+    rows = [rec("r1", "q1"), rec("r1", "q2"), rec("r3", "q1"), rec("r4", "q4"), rec("r4", "q4")]
+    path = tmp_path / "dom.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level("WARNING"):
+        index = index_records([open_source(str(path))], [None])
+    stats = index.stats
+    assert stats.num_valid == 5  # kept: counted and reported, not dropped
+    # ids: line 2 repeats r1, line 5 repeats r4; content: line 3 = line 1, line 5 = line 4
+    assert (stats.duplicate_ids, stats.identical_records) == (2, 2)
+    assert stats.as_metrics()["data/duplicate_ids"] == 2.0
+    assert f"{path}:2: id 'r1' also at {path}:1" in caplog.text
+    assert f"{path}:3: same record as {path}:1" in caplog.text

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -68,6 +69,11 @@ class InputStats:
     bad_counts: dict[str, int] = dataclasses.field(default_factory=dict)
     examples: list[str] = dataclasses.field(default_factory=list)
     max_examples: int = 10
+    # Valid records kept but worth a look: an ``id`` seen before, and records whose content
+    # (every field but ``id``) equals an earlier record's (they weigh twice in training).
+    duplicate_ids: int = 0
+    identical_records: int = 0
+    duplicate_examples: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def num_bad(self) -> int:
@@ -85,6 +91,8 @@ class InputStats:
             f"{prefix}records_valid": float(self.num_valid),
             f"{prefix}records_skipped": float(self.num_bad),
             f"{prefix}blank_lines": float(self.num_blank_lines),
+            f"{prefix}duplicate_ids": float(self.duplicate_ids),
+            f"{prefix}identical_records": float(self.identical_records),
         }
         for kind in BAD_INPUT_KINDS:
             out[f"{prefix}records_skipped/{kind}"] = float(self.bad_counts.get(kind, 0))
@@ -99,7 +107,35 @@ class InputStats:
             lines.extend(f"  {e}" for e in self.examples)
             if self.num_bad > len(self.examples):
                 lines.append(f"  ... and {self.num_bad - len(self.examples)} more")
+        if self.duplicate_ids or self.identical_records:
+            lines.append(f"kept but suspicious: duplicate_ids={self.duplicate_ids}, "
+                         f"identical_records={self.identical_records}")
+            lines.extend(f"  {e}" for e in self.duplicate_examples)
         return "\n".join(lines)
+
+    def note_duplicates(self, record: TrainingRecord, location: tuple[str, int],
+                        seen_ids: dict[Any, str], seen_content: dict[bytes, str]) -> None:
+        """Counts a valid record whose id, or whose whole content but the id, came before."""
+        where = f"{location[0]}:{location[1]}"
+        if record.id is not None:
+            key = (type(record.id).__name__, record.id)
+            if key in seen_ids:
+                self.duplicate_ids += 1
+                self._duplicate_example(f"{where}: id {record.id!r} also at {seen_ids[key]}")
+            else:
+                seen_ids[key] = where
+        content = {k: v for k, v in record.to_json().items() if k != "id"}
+        digest = hashlib.blake2b(json.dumps(content, sort_keys=True).encode(),
+                                 digest_size=16).digest()
+        if digest in seen_content:
+            self.identical_records += 1
+            self._duplicate_example(f"{where}: same record as {seen_content[digest]}")
+        else:
+            seen_content[digest] = where
+
+    def _duplicate_example(self, text: str) -> None:
+        if len(self.duplicate_examples) < self.max_examples:
+            self.duplicate_examples.append(text)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -214,6 +250,8 @@ def index_records(
     keys: dict[str, list[int]] = collections.defaultdict(list)
     groups: dict[str, set[int]] = collections.defaultdict(set)
     batches: dict[str, set[int]] = collections.defaultdict(set)
+    seen_ids: dict[Any, str] = {}
+    seen_content: dict[bytes, str] = {}
     for source_id, (source, assigned) in enumerate(zip(sources, assigned_domains, strict=True)):
         offsets[source_id + 1] = offsets[source_id] + len(source)
         note_source(source, stats, strict=strict)
@@ -234,6 +272,7 @@ def index_records(
                 stats.add_bad(err)
                 continue
             stats.num_valid += 1
+            stats.note_duplicates(record, source.location(position), seen_ids, seen_content)
             keys[domain].append(int(offsets[source_id]) + position)
             if record.train_group_size is not None:
                 groups[domain].add(record.train_group_size)
@@ -248,6 +287,6 @@ def index_records(
         )
         for name in sorted(keys)
     )
-    if stats.num_bad:
+    if stats.num_bad or stats.duplicate_ids or stats.identical_records:
         log.warning("training data: %s", stats.summary())
     return RecordIndex(domains=domains, source_offsets=offsets, stats=stats)
