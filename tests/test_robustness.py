@@ -445,3 +445,17 @@ def test_duplicate_ids_and_identical_records_are_warned_and_counted(tmp_path, ca
     assert stats.as_metrics()["data/duplicate_ids"] == 2.0
     assert f"{path}:2: id 'r1' also at {path}:1" in caplog.text
     assert f"{path}:3: same record as {path}:1" in caplog.text
+
+
+def test_checkpoint_with_non_finite_weights_is_not_resumed(tmp_path):
+    from reasonembed_jax.training.checkpoint import Checkpointer, abstract_like
+    from reasonembed_jax.training.trainer import finite_state
+
+    state = {"params": {"w": jnp.arange(4.0)}, "opt_state": (jnp.zeros(4),)}
+    ckpt = Checkpointer(str(tmp_path / "ck"), every=1, keep=3, async_save=False)
+    ckpt.save(1, state, {"grain": 1})
+    ckpt.save(2, {**state, "params": {"w": jnp.full(4, jnp.nan)}}, {"grain": 2})
+    step, got, data = Checkpointer(str(tmp_path / "ck"), every=1, keep=3).restore_latest(
+        abstract_like(state), accept=finite_state)
+    assert step == 1 and data == {"grain": 1}
+    np.testing.assert_array_equal(np.asarray(got["params"]["w"]), np.arange(4.0))

@@ -77,8 +77,10 @@ class Checkpointer:
                        f"cannot write checkpoint step {step} ({text[:300]}); {intact}",
                        self.directory)
 
-    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
-        """``(step, state, data_state)`` of the newest checkpoint that restores, or None."""
+    def restore_latest(self, abstract_state: Any, accept: Any = None
+                       ) -> tuple[int, Any, dict[str, Any]] | None:
+        """``(step, state, data_state)`` of the newest checkpoint that restores (and that
+        ``accept(state)`` approves, e.g. finite parameters), or None."""
         steps = self.steps()
         for step in reversed(steps):
             try:
@@ -91,6 +93,11 @@ class Checkpointer:
                 log.warning("checkpoint at step %d in %s cannot be restored (%s: %s); "
                             "falling back to the previous checkpoint", step, self.directory,
                             type(err).__name__, (str(err).splitlines() or [""])[0][:200])
+                self.quarantine(step)
+                continue
+            if accept is not None and not accept(restored["state"]):
+                log.warning("checkpoint at step %d in %s holds non-finite values; falling back to "
+                            "the previous checkpoint", step, self.directory)
                 self.quarantine(step)
                 continue
             if step != steps[-1]:

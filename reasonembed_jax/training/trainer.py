@@ -37,6 +37,7 @@ from reasonembed_jax.training.checkpoint import Checkpointer, abstract_like
 from reasonembed_jax.training.config import validate_config
 from reasonembed_jax.training.step import (
     StepConfig,
+    all_finite,
     make_optimizer,
     make_schedule,
     make_train_step,
@@ -472,7 +473,7 @@ class Trainer:
         checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                     every=c.train.checkpoint_every, keep=c.train.keep_checkpoints,
                                     async_save=c.train.async_checkpoints)
-        restored = checkpointer.restore_latest(abstract_like(state))
+        restored = checkpointer.restore_latest(abstract_like(state), accept=finite_state)
         if restored is not None:
             start, state, data_state = restored
             iterator.set_state(data_state["grain"])
@@ -606,6 +607,8 @@ class Trainer:
 
         out = os.path.join(self.workdir, "export", f"step_{step}")
         params = self.merged_params(state, frozen)
+        if not finite_state({"params": params}):
+            raise TrainingError(f"the parameters at step {step} are not finite: not exported")
         eos_token = None
         if self.config.data.append_eos and self.config.data.eos_token_id is not None:
             tokenizer = load_tokenizer(self.config.data.tokenizer)
@@ -626,6 +629,12 @@ class Trainer:
             os.replace(tmp, latest)
             log.info("exported step %d to %s", step, out)
         return out
+
+
+def finite_state(state: Mapping[str, Any]) -> bool:
+    """Whether every parameter (and optimizer moment) of a train state is finite."""
+    return bool(to_host(jax.jit(all_finite)({k: v for k, v in state.items()
+                                             if k in ("params", "opt_state")})))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = False) -> dict:
