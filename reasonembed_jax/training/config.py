@@ -137,8 +137,6 @@ _RANGES: dict[str, tuple[str, float, float, bool, bool]] = {
     "optim.b2": (_REAL, 0, 1, True, False),
     "optim.eps": (_REAL, 0, math.inf, True, False),
     "optim.clip_norm": (_REAL, 0, math.inf, False, True),
-    "mesh.fsdp": (_INT, 1, math.inf, True, False),
-    "mesh.tensor": (_INT, 1, math.inf, True, False),
     "train.num_steps": (_INT, 1, math.inf, True, True),
     "train.grad_cache_chunk": (_INT, 1, math.inf, True, False),
     "train.log_every": (_INT, 1, math.inf, True, False),
@@ -204,10 +202,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             continue
         check_number(key, config[group][name], kind, low, high, low_inclusive=low_inc,
                      high_inclusive=key not in _OPEN_ABOVE, may_be_none=none_ok)
-    if "mesh" in config and "data" in config.mesh:
-        value = config.mesh.data
-        if value != -1:
-            check_number("mesh.data", value, _INT, 1)
+    for axis in ("data", "fsdp", "tensor"):  # -1: the devices left over (one axis at most)
+        if "mesh" in config and axis in config.mesh and config.mesh[axis] != -1:
+            check_number(f"mesh.{axis}", config.mesh[axis], _INT, 1)
     if "data" in config:
         for length in config.data.get("buckets", ()) or ():
             check_number("data.buckets[]", length, _INT, 1)
