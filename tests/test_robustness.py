@@ -369,6 +369,7 @@ def test_sigterm_saves_and_exits_with_the_requeue_code(tmp_path):
     assert not (work / "export").exists()
 
 
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy, harmless
 @pytest.mark.parametrize("module,argv", [
     ("encode", ["--model", "{missing}", "--input", "{missing}/docs.jsonl", "--out", "{tmp}/e.npy"]),
     ("encode", ["--model", "{tmp}", "--input", "{bad_jsonl}", "--out", "{tmp}/e.npy"]),
