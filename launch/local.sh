@@ -10,7 +10,7 @@
 #   -p  coordinator port on 127.0.0.1 (default 12355)
 #   -l  folder for per-process logs (default: LOG_DIR env or ./launch_logs)
 # Process 0's output is also shown here. If any process fails, the others are stopped and the
-# launcher exits with that status.
+# launcher exits with that status (75: preempted by SIGTERM after saving; rerun to resume).
 set -euo pipefail
 
 processes=2

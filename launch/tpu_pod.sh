@@ -9,10 +9,13 @@
 #   -r  folder on the workers, relative to the home folder (default reasonembed-jax)
 #   -c  afterwards, copy each worker's log to LOG_DIR/worker_N.log
 # Every worker writes ~/reasonembed_train.log; worker output is also streamed here.
+# Exit status: 0 finished, 2 a bad setting or input, 75 preempted (SIGTERM, e.g. a maintenance
+# event or a Spot/preemptible reclaim: the checkpoint is saved; run the same command again, or let
+# a retry loop / queued-resource job do it, to resume from the workdir), 1 a bug.
 set -euo pipefail
 
 tpu="" zone="" project="" remote_dir="reasonembed-jax" setup=0 collect=""
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
 while getopts "t:z:P:r:sc:h" opt; do
   case "$opt" in
     t) tpu="$OPTARG" ;;
@@ -52,8 +55,12 @@ fi
 
 train_args="$(printf '%q ' "$@")"
 status=0
-on_all_workers "cd $remote_dir && REASONEMBED_AUTO_DISTRIBUTED=1 .venv/bin/python -m \
-  reasonembed_jax.train $train_args 2>&1 | tee ~/reasonembed_train.log" || status=$?
+on_all_workers "set -o pipefail; cd $remote_dir && REASONEMBED_AUTO_DISTRIBUTED=1 \
+  .venv/bin/python -m reasonembed_jax.train $train_args 2>&1 | tee ~/reasonembed_train.log" \
+  || status=$?
+if [ "$status" -eq 75 ]; then
+  echo "preempted (exit 75): the checkpoint is saved; rerun this command to resume" >&2
+fi
 
 if [ -n "$collect" ]; then
   mkdir -p "$collect"

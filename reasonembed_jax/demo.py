@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from reasonembed_jax.cli import run_cli
+
 
 def _top1(encoder, records: list[dict]) -> float:  # noqa: ANN001
     q = encoder.encode([r["query"] for r in records], instruction=records[0]["prompt"],
@@ -80,4 +82,4 @@ if __name__ == "__main__":
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-    raise SystemExit(main())
+    run_cli(main)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -25,7 +26,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from reasonembed_jax.hf_io import load_encoder, read_encoder_settings
+from reasonembed_jax.cli import positive_int, run_cli
+from reasonembed_jax.hf_io import content_hash, load_encoder, read_encoder_settings
 from reasonembed_jax.model.config import POOLING_MODES
 from reasonembed_jax.model.encoder import Encoder
 from reasonembed_jax.model.pooling import finish_pooled, pool
@@ -43,24 +45,8 @@ from reasonembed_jax.text import (
 BATCH_AXES = ("data", "fsdp")
 # Length buckets ~1.5x apart (powers of two and their midpoints): at most ~1.5x padding instead of
 # 2x for powers of two alone, for twice as many (still few) compiled shapes.
+log = logging.getLogger(__name__)
 ENCODE_BUCKETS = tuple(sorted({b for k in range(5, 14) for b in (2**k, 3 * 2**(k - 1))}))
-
-
-def _weights_fingerprint(model_dir: str) -> str:
-    """Cheap identity of the weights: config, file sizes and headers, plus sampled content
-    blocks (hashing every byte of a 16 GB checkpoint would cost minutes)."""
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(model_dir)):
-        path = os.path.join(model_dir, name)
-        if not (name == "config.json" or name.endswith((".safetensors", ".safetensors.index.json"))):
-            continue
-        size = os.path.getsize(path)
-        h.update(f"{name}:{size}".encode())
-        with open(path, "rb") as f:
-            for k in range(65):
-                f.seek(min(size, k * max(size // 64, 1)))
-                h.update(f.read(65536))
-    return h.hexdigest()[:24]
 
 
 class TextEncoder:
@@ -122,6 +108,9 @@ class TextEncoder:
         """Loads a local HF folder. Unset options come from ``reasonembed_encoder.json`` (written
         by our export) or default to last-token pooling, normalisation, no EOS append, 512."""
         model_dir = os.fspath(model_dir)
+        for name, value in (("max_length", max_length), ("dim", dim), ("batch_size", batch_size)):
+            if value is not None and value < 1:  # None is unset; 0 is an error, not "unset"
+                raise ValueError(f"{name} must be >= 1, got {value}")
         saved = read_encoder_settings(model_dir)
         mesh = mesh if mesh is not None else make_mesh(data=-1)
         runtime = {} if attention is None else {"attention": attention}
@@ -132,7 +121,7 @@ class TextEncoder:
             "normalize": saved.get("normalize", True) if normalize is None else normalize,
             "append_eos": saved.get("append_eos", False) if append_eos is None else append_eos,
             # BERT-family models cannot go past their position table.
-            "max_length": max_length or saved.get(
+            "max_length": max_length if max_length is not None else saved.get(
                 "max_length", min(512, model.config.max_position_embeddings)),
             "dim": dim,
         }
@@ -140,14 +129,16 @@ class TextEncoder:
         if settings["append_eos"]:
             eos_id = embedding_eos_token_id(tokenizer, saved.get("eos_token"))
         identity = json.dumps(
-            {"weights": _weights_fingerprint(model_dir), "dtype": dtype, "attention": attention,
-             **settings}, sort_keys=True)
+            {"weights": content_hash(model_dir), "dtype": dtype, "attention": attention,
+             "tokenizer": content_hash(tokenizer_dir) if tokenizer_dir else None, **settings},
+            sort_keys=True)
         return cls(model, tokenizer, eos_token_id=eos_id, batch_size=batch_size, mesh=mesh,
                    identity=identity, **settings)
 
     @property
     def cache_key(self) -> str:
-        """A hex digest of the weights fingerprint and every setting that changes embeddings."""
+        """A hex digest of the full weight, config and tokenizer content (``hf_io.content_hash``)
+        and every setting that changes embeddings."""
         payload = self._identity or json.dumps(
             {"model": id(self.model), "pooling": self.pooling, "dim": self.dim})
         payload += json.dumps([self.pooling, self.normalize, self.append_eos, self.max_length,
@@ -195,10 +186,16 @@ class TextEncoder:
                 raise TypeError(f"text {i} is {type(t).__name__}, not str")
         n = len(texts)
         out = np.zeros((n, self.embedding_dim), dtype=np.float32)
+        empty = [i for i, t in enumerate(texts) if not t.strip()]
+        self.num_empty_texts = len(empty)  # of the last call
+        if empty:
+            log.warning("%d of %d texts are empty or blank (first at index %s): they all get the "
+                        "embedding of an empty input, which means nothing; check the input",
+                        len(empty), n, ", ".join(map(str, empty[:5])))
         if n == 0:
             return out
-        max_length = max_length or self.max_length
-        batch_size = batch_size or self.batch_size
+        max_length = self.max_length if max_length is None else max_length
+        batch_size = self.batch_size if batch_size is None else batch_size
         data_parallel = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         rows_per_batch = -(-batch_size // data_parallel) * data_parallel
         inputs = [format_query(t, instruction) for t in texts] if instruction else list(texts)
@@ -255,19 +252,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--instruction", default=None,
                         help="embed as queries: 'Instruct: {instruction}\\nQuery: {text}'")
     parser.add_argument("--out", required=True, help="output .npy path")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--max-length", type=positive_int, default=None,
                         help="max tokens per text (default: the model's saved setting or 512)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="parameter and compute dtype")
     parser.add_argument("--pooling", default=None, choices=list(POOLING_MODES))
-    parser.add_argument("--dim", type=int, default=None, help="Matryoshka truncation dimension")
+    parser.add_argument("--dim", type=positive_int, default=None, help="Matryoshka truncation dimension")
     parser.add_argument("--append-eos", default=None, action=argparse.BooleanOptionalAction,
                         help="append EOS and pool it (Qwen3-Embedding style)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error("--batch-size must be >= 1")
 
     texts = read_jsonl_texts(args.input, args.text_field)
     encoder = TextEncoder.from_pretrained(
@@ -290,4 +285,4 @@ if __name__ == "__main__":
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-    raise SystemExit(main())
+    run_cli(main)

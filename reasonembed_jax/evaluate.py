@@ -19,9 +19,10 @@ import argparse
 import json
 import os
 import pathlib
-import sys
 import time
 from collections.abc import Sequence
+
+from reasonembed_jax.cli import UserError, non_negative_float, positive_int, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "folder of official BRIGHT instruction configs")
     parser.add_argument("--instruction", default=None,
                         help="one query instruction for every task (overrides --instructions)")
-    parser.add_argument("--top-k", type=int, default=1000, help="documents retrieved per query")
-    parser.add_argument("--batch-size", type=int, default=32, help="encoding batch size")
-    parser.add_argument("--max-length", type=int, default=None,
+    parser.add_argument("--top-k", type=positive_int, default=1000, help="documents retrieved per query")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="encoding batch size")
+    parser.add_argument("--max-length", type=positive_int, default=None,
                         help="max tokens for queries and documents (default: what the model "
                              "folder carries, e.g. 8192 for the ReasonEmbed recipes' exports; "
                              "else 512)")
@@ -61,12 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="corpus embedding cache (default $REASONEMBED_CACHE/corpus_embeddings "
                              "or ~/.cache/reasonembed_jax/corpus_embeddings)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
-    parser.add_argument("--query-batch-size", type=int, default=256,
+    parser.add_argument("--query-batch-size", type=positive_int, default=256,
                         help="queries per search step")
-    parser.add_argument("--corpus-chunk-size", type=int, default=65536,
+    parser.add_argument("--corpus-chunk-size", type=positive_int, default=65536,
                         help="documents per search step (split over all devices)")
-    parser.add_argument("--bm25-k1", type=float, default=0.9)
-    parser.add_argument("--bm25-b", type=float, default=0.4)
+    parser.add_argument("--bm25-k1", type=non_negative_float, default=0.9)
+    parser.add_argument("--bm25-b", type=non_negative_float, default=0.4)
     parser.add_argument("--metrics", default="ndcg@10,recall@10,recall@100,mrr@10",
                         help="comma-separated ndcg@K, recall@K, mrr@K")
     parser.add_argument("--run-dir", default=None, help="also write TREC run files here")
@@ -116,10 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     for m in metrics:
         parse_metric(m)
-    if args.top_k < 1:
-        raise SystemExit("--top-k must be >= 1")
     if args.qrels and len(args.data) != 1:
-        raise SystemExit("--qrels needs exactly one --data")
+        raise UserError("--qrels needs exactly one --data")
     started = time.perf_counter()
     tasks = []
     for spec in args.data:
@@ -155,4 +154,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())
+    run_cli(main)

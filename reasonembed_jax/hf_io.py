@@ -8,11 +8,13 @@ two full host copies. Export writes an HF folder that ``transformers.AutoModel``
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -256,6 +258,52 @@ def _append_eos_post_processor(tokenizer_json: dict[str, Any], eos: str, eos_id:
     }
 
 
+@contextlib.contextmanager
+def atomic_folder(out_dir: str | os.PathLike, *, writer: bool = True) -> Iterator[str]:
+    """Write a folder all at once: yields a temporary sibling folder to fill; when the block
+    ends without error it takes ``out_dir``'s place by rename (an existing ``out_dir`` is
+    replaced), on error it is removed. A kill part-way leaves ``out_dir`` as it was, never a
+    half-written folder (only a hidden ``.NAME.partial-PID`` sibling, cleared by the next write).
+
+    ``writer=False`` (the non-writing processes of a multi-host export) yields the temporary
+    path and touches nothing. Reusable by anything that writes a model folder::
+
+        with atomic_folder(out) as tmp:
+            write_files(tmp)
+    """
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    parent, name = os.path.split(out_dir)
+    tmp = os.path.join(parent, f".{name}.partial-{os.getpid()}")
+    if not writer:
+        yield tmp
+        return
+    os.makedirs(parent, exist_ok=True)
+    for stale in os.listdir(parent):  # left by a killed earlier write of the same folder
+        if stale.startswith(f".{name}.partial-") or stale.startswith(f".{name}.old-"):
+            shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.filename is None:  # a failed write (disk full) names no file: name the folder
+            raise OSError(err.errno, f"{err.strerror or err} while writing; {out_dir} is "
+                          "unchanged", out_dir) from err
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = os.path.join(parent, f".{name}.old-{os.getpid()}")
+    if os.path.lexists(out_dir):
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if os.path.lexists(old):
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.remove(old)
+
+
 def export_hf(
     params: Mapping[str, jax.Array],
     config: ModelConfig,
@@ -281,23 +329,36 @@ def export_hf(
     tokenizer files (with an EOS-appending post-processor when ``append_eos``),
     ``modules.json`` + ``sentence_bert_config.json`` + ``1_Pooling/config.json`` (+ ``2_Normalize``)
     + ``config_sentence_transformers.json`` (query prompt), and ``reasonembed_encoder.json`` with
-    the pooling settings ``TextEncoder`` reads back. Pass LoRA-merged ``params``.
+    the pooling settings ``TextEncoder`` reads back, and ``reasonembed_content_hash.json``.
+    Pass LoRA-merged ``params``. The folder appears complete or not at all (``atomic_folder``);
+    an existing ``out_dir`` is replaced (``tokenizer_dir`` may be that folder).
     """
     out_dir = os.fspath(out_dir)
-    if is_primary():
-        os.makedirs(out_dir, exist_ok=True)
+    with atomic_folder(out_dir, writer=is_primary()) as tmp:
+        _export_hf_files(params, config, tmp, tokenizer_dir=tokenizer_dir, pooling=pooling,
+                         normalize=normalize, append_eos=append_eos, eos_token=eos_token,
+                         max_length=max_length, query_instruction=query_instruction, dtype=dtype,
+                         max_shard_bytes=max_shard_bytes, model_card=model_card)
+    return out_dir
+
+
+def _export_hf_files(
+    params: Mapping[str, jax.Array], config: ModelConfig, out_dir: str, *,
+    tokenizer_dir: str | os.PathLike | None, pooling: str, normalize: bool, append_eos: bool,
+    eos_token: str | None, max_length: int, query_instruction: str | None, dtype: str | None,
+    max_shard_bytes: int, model_card: Mapping[str, Any] | None,
+) -> None:
     dtype = dtype or _source_dtype(config)
     write_hf_weights(params, config, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
     if not is_primary():
-        return out_dir
+        return
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config.to_hf(torch_dtype=dtype), f, indent=2, sort_keys=True)
 
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             src = os.path.join(os.fspath(tokenizer_dir), name)
-            if os.path.isfile(src) and os.path.abspath(src) != os.path.join(
-                    os.path.abspath(out_dir), name):
+            if os.path.isfile(src):
                 shutil.copyfile(src, os.path.join(out_dir, name))
     tok_json_path = os.path.join(out_dir, "tokenizer.json")
     tok_cfg_path = os.path.join(out_dir, "tokenizer_config.json")
@@ -336,7 +397,7 @@ def export_hf(
     write_model_card(out_dir, model_type=config.model_type, hidden_size=config.hidden_size,
                      pooling=pooling, normalize=normalize, append_eos=append_eos,
                      max_length=max_length, query_instruction=query_instruction, run=model_card)
-    return out_dir
+    write_content_hash(out_dir)  # last: the embedding cache's identity of this folder
 
 
 _ST_POOLING = {"last_token": "lasttoken", "mean": "mean", "first_token": "cls"}
@@ -420,3 +481,86 @@ def _sentence_transformers_settings(model_dir: str) -> dict[str, Any]:
         if max_length:
             settings["max_length"] = int(max_length)
     return settings
+
+
+# ---------------------------------------------------------------------------------------------
+# Content hash of a model folder (embedding-cache identity)
+# ---------------------------------------------------------------------------------------------
+
+CONTENT_HASH_FILE = "reasonembed_content_hash.json"
+HASH_ALGORITHM = "sha256"  # hardware-accelerated on x86 (SHA-NI) and ARMv8: the fastest here
+
+
+def _hashed_file(name: str) -> bool:
+    """The files whose bytes decide an embedding: weights, config and tokenizer."""
+    return (name == "config.json" or name in TOKENIZER_FILES
+            or name.endswith((".safetensors", ".safetensors.index.json")))
+
+
+def file_digest(path: str | os.PathLike, *, chunk_bytes: int = 16 * 2**20) -> str:
+    """Hex digest of every byte of a file, read in chunks (no full copy in memory)."""
+    h = hashlib.new(HASH_ALGORITHM)
+    buf = bytearray(chunk_bytes)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _file_records(folder: str, recorded: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not (_hashed_file(name) and os.path.isfile(path)):
+            continue
+        st = os.stat(path)
+        old = recorded.get(name) or {}
+        if old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns and old.get(
+                "digest"):
+            digest = old["digest"]
+        else:
+            digest = file_digest(path)
+        out[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "digest": digest}
+    return out
+
+
+def content_hash(folder: str | os.PathLike) -> str:
+    """One digest of the full content of a model folder's weight, config and tokenizer files.
+
+    Trust model: ``CONTENT_HASH_FILE`` (written by ``export_hf``) records each file's digest
+    with its size and modification time; a file whose size and mtime still match is taken from
+    the record, any other file (new, rewritten, copied without its times) is hashed again. So a
+    folder changed in place is always re-hashed; only a deliberate rewrite that restores the
+    old mtime could fool it.
+    """
+    folder = os.fspath(folder)
+    recorded: dict[str, Any] = {}
+    path = os.path.join(folder, CONTENT_HASH_FILE)
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            if saved.get("algorithm") == HASH_ALGORITHM:
+                recorded = saved.get("files", {})
+        except (OSError, ValueError):
+            recorded = {}
+    return content_hash_of_records(_file_records(folder, recorded))
+
+
+def write_content_hash(folder: str | os.PathLike) -> str:
+    """Hashes ``folder`` and records the per-file digests in ``CONTENT_HASH_FILE`` so readers
+    (the evaluation cache) need not re-read the weights. Returns the folder digest."""
+    folder = os.fspath(folder)
+    files = _file_records(folder, {})
+    digest = content_hash_of_records(files)
+    with open(os.path.join(folder, CONTENT_HASH_FILE), "w") as f:
+        json.dump({"algorithm": HASH_ALGORITHM, "digest": digest, "files": files}, f, indent=2)
+    return digest
+
+
+def content_hash_of_records(files: Mapping[str, Mapping[str, Any]]) -> str:
+    total = hashlib.new(HASH_ALGORITHM)
+    for name in sorted(files):
+        total.update(f"{name}\0{files[name]['digest']}\n".encode())
+    return total.hexdigest()

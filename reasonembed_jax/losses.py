@@ -109,11 +109,20 @@ def reasoning_intensity_weights(
     losses: Array, reasoning_losses: Array, *, kappa: float = 5.0, eps: float = 1e-6
 ) -> tuple[Array, Array]:
     """Redapter weights: ``RI_i = L_i / (L'_i + eps)``, ``w_i = clip(RI_i, 0, kappa)``, normalised
-    to sum to 1 over the global batch. Constants: no gradient flows through them.
+    to sum to 1 over the global batch. When every clipped weight is 0 (every query of the batch
+    solved: all ``L_i = 0``) the normalisation would be 0/0; the weights are then uniform (1/B),
+    which ``ri_weights_degenerate`` reports. Constants: no gradient flows through them.
     Returns ``(weights, ri)``."""
     ri = jax.lax.stop_gradient(losses) / (jax.lax.stop_gradient(reasoning_losses) + eps)
     w = jnp.clip(ri, 0.0, kappa)
-    return w / jnp.sum(w), ri
+    total = jnp.sum(w)
+    uniform = jnp.full(w.shape, 1.0 / w.shape[0], w.dtype)
+    return jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), uniform), ri
+
+
+def ri_weights_degenerate(ri: Array, *, kappa: float = 5.0) -> Array:
+    """1.0 when the clipped RI weights of the batch sum to 0 (uniform weights used), else 0.0."""
+    return (jnp.sum(jnp.clip(ri, 0.0, kappa)) <= 0).astype(jnp.float32)
 
 
 def ri_infonce_loss(
@@ -150,6 +159,8 @@ def ri_infonce_loss(
         "reasoning_loss": reasoning_losses,
         "reasoning_intensity": ri,
         "weights": weights,
+        # Steps whose RI weights fell back to uniform (a solved batch); 0 during warm-up.
+        "ri_uniform": jnp.where(use_weights, ri_weights_degenerate(ri, kappa=kappa), 0.0),
     }
     return jnp.sum(weights * losses), aux
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from flax import nnx
 
+from reasonembed_jax.cli import run_cli
 from reasonembed_jax.hf_io import export_hf, get_params
 from reasonembed_jax.model.encoder import Encoder, config_from_hf
 
@@ -87,4 +88,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

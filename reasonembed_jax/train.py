@@ -5,7 +5,9 @@
 
 The config file defines ``get_config(arg)`` returning an ``ml_collections.ConfigDict``; every
 field can be overridden on the command line and an unknown key is an error that names it.
-A restart with the same workdir resumes from the newest checkpoint. ``--dry_run`` compiles the
+A restart with the same workdir resumes from the newest checkpoint. Exit codes: 0 finished,
+2 bad settings or input (one line), 75 stopped by SIGTERM after saving a checkpoint (requeue
+the same command), 1 a bug (traceback). ``--dry_run`` compiles the
 step for every configured domain shape and prints the per-device memory plan without loading
 weights or data (add ``--xla_force_host_platform_device_count=N`` to XLA_FLAGS to plan an
 N-device mesh on a laptop).
@@ -58,22 +60,30 @@ def main(argv: Sequence[str]) -> None:
     from reasonembed_jax.distributed import initialize
 
     initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from reasonembed_jax.training.trainer import TrainingError, train
+    from reasonembed_jax.cli import Preempted, run_cli
+    from reasonembed_jax.training.checkpoint import quiet_orbax_errors
+    from reasonembed_jax.training.trainer import train
 
     if not _DRY_RUN.value and not _WORKDIR.value:
         raise app.UsageError("--workdir is required (except with --dry_run)")
-    if _DRY_RUN.value:
-        print_differences(config_flags.get_config_filename(flags.FLAGS["config"]), _CONFIG.value)
-    try:
+    quiet_orbax_errors()
+
+    def run(_: object) -> int:
+        if _DRY_RUN.value:
+            print_differences(config_flags.get_config_filename(flags.FLAGS["config"]), _CONFIG.value)
         result = train(_CONFIG.value, _WORKDIR.value or "", dry_run=_DRY_RUN.value)
-    except TrainingError as err:
-        logging.error("%s", err)
-        sys.exit(2)
-    if not _DRY_RUN.value and result is not None:
-        summary = {k: v for k, v in result.items() if k not in ("history", "state", "frozen")}
-        if result.get("history"):
-            summary["last"] = result["history"][-1]
-        print(json.dumps(summary, indent=2, default=str))
+        if not _DRY_RUN.value and result is not None:
+            summary = {k: v for k, v in result.items() if k not in ("history", "state", "frozen")}
+            if result.get("history"):
+                summary["last"] = result["history"][-1]
+            print(json.dumps(summary, indent=2, default=str), flush=True)
+            if "stopped_at" in result:
+                raise Preempted(f"stopped at step {result['stopped_at']} after SIGTERM; the "
+                                "checkpoint is saved: rerun the same command to resume")
+        return 0
+
+    # Exit codes: 0 done, 2 user error (one line), 75 preempted (requeue), 1 a bug (traceback).
+    run_cli(run)
 
 
 if __name__ == "__main__":

@@ -27,12 +27,12 @@ import gzip
 import json
 import logging
 import os
-import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
+from reasonembed_jax.cli import run_cli
 from reasonembed_jax.data import mining
 from reasonembed_jax.instructions import task_instruction
 from reasonembed_jax.records import dump_record, validate_record
@@ -358,4 +358,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from collections.abc import Iterator, Sequence
 
-from reasonembed_jax.data.index import InputStats, check_record
+from reasonembed_jax.cli import run_cli
+from reasonembed_jax.data.index import InputStats, check_record, note_source
 from reasonembed_jax.data.sources import JsonlSource, domain_from_path, write_array_record
 from reasonembed_jax.records import RecordError
 
@@ -33,7 +33,7 @@ def convert_jsonl_to_array_record(
     """Writes the valid records of one JSONL file to ``out_path``; returns the counts."""
     source = JsonlSource(path)
     stats = stats if stats is not None else InputStats()
-    stats.num_blank_lines += source.num_blank_lines
+    note_source(source, stats, strict=strict)
 
     def valid_lines() -> Iterator[bytes]:
         for position, raw in enumerate(source.iter_raw()):
@@ -88,4 +88,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

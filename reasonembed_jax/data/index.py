@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ BAD_INPUT_KINDS = (
     "length_mismatch",
     "missing_domain",
     "domain_mismatch",
+    "truncated_file",
     "invalid",
 )
 
@@ -51,6 +53,7 @@ def classify_record_error(reason: str) -> str:
         ("entries but its texts have", "length_mismatch"),
         ("no domain", "missing_domain"),
         ("domain mismatch", "domain_mismatch"),
+        ("compressed data ends early", "truncated_file"),
         ("must be", "wrong_type"),
     )
     for needle, kind in rules:
@@ -70,6 +73,11 @@ class InputStats:
     bad_counts: dict[str, int] = dataclasses.field(default_factory=dict)
     examples: list[str] = dataclasses.field(default_factory=list)
     max_examples: int = 10
+    # Valid records kept but worth a look: an ``id`` seen before, and records whose content
+    # (every field but ``id``) equals an earlier record's (they weigh twice in training).
+    duplicate_ids: int = 0
+    identical_records: int = 0
+    duplicate_examples: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def num_bad(self) -> int:
@@ -88,6 +96,8 @@ class InputStats:
             f"{prefix}records_skipped": float(self.num_bad),
             f"{prefix}blank_lines": float(self.num_blank_lines),
             f"{prefix}records_without_reasoning_query": float(self.num_without_reasoning_query),
+            f"{prefix}duplicate_ids": float(self.duplicate_ids),
+            f"{prefix}identical_records": float(self.identical_records),
         }
         for kind in BAD_INPUT_KINDS:
             out[f"{prefix}records_skipped/{kind}"] = float(self.bad_counts.get(kind, 0))
@@ -103,10 +113,55 @@ class InputStats:
             lines.extend(f"  {e}" for e in self.examples)
             if self.num_bad > len(self.examples):
                 lines.append(f"  ... and {self.num_bad - len(self.examples)} more")
+        if self.duplicate_ids or self.identical_records:
+            lines.append(f"kept but suspicious: duplicate_ids={self.duplicate_ids}, "
+                         f"identical_records={self.identical_records}")
+            lines.extend(f"  {e}" for e in self.duplicate_examples)
         return "\n".join(lines)
+
+    def note_duplicates(self, record: TrainingRecord, location: tuple[str, int],
+                        seen_ids: dict[Any, str], seen_content: dict[bytes, str]) -> None:
+        """Counts a valid record whose id, or whose whole content but the id, came before."""
+        where = f"{location[0]}:{location[1]}"
+        if record.id is not None:
+            key = (type(record.id).__name__, record.id)
+            if key in seen_ids:
+                self.duplicate_ids += 1
+                self._duplicate_example(f"{where}: id {record.id!r} also at {seen_ids[key]}")
+            else:
+                seen_ids[key] = where
+        content = {k: v for k, v in record.to_json().items() if k != "id"}
+        digest = hashlib.blake2b(json.dumps(content, sort_keys=True).encode(),
+                                 digest_size=16).digest()
+        if digest in seen_content:
+            self.identical_records += 1
+            self._duplicate_example(f"{where}: same record as {seen_content[digest]}")
+        else:
+            seen_content[digest] = where
+
+    def _duplicate_example(self, text: str) -> None:
+        if len(self.duplicate_examples) < self.max_examples:
+            self.duplicate_examples.append(text)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def note_source(source: RecordSource, stats: InputStats, *, strict: bool) -> None:
+    """Adds a source's blank lines to ``stats``; a truncated gzip file (its readable lines are
+    used) is counted as bad input naming the file, or with ``strict`` raises ``RecordError``."""
+    stats.num_blank_lines += getattr(source, "num_blank_lines", 0)
+    truncation = getattr(source, "truncation", None)
+    if truncation is None:
+        return
+    line, cause = truncation
+    err = RecordError(f"compressed data ends early ({cause}): the file is truncated or damaged; "
+                      f"{len(source)} records before line {line} are used",
+                      source=source.path, line=line)
+    if strict:
+        raise err
+    log.warning("%s", err)
+    stats.add_bad(err)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,9 +256,11 @@ def index_records(
     keys: dict[str, list[int]] = collections.defaultdict(list)
     groups: dict[str, set[int]] = collections.defaultdict(set)
     batches: dict[str, set[int]] = collections.defaultdict(set)
+    seen_ids: dict[Any, str] = {}
+    seen_content: dict[bytes, str] = {}
     for source_id, (source, assigned) in enumerate(zip(sources, assigned_domains, strict=True)):
         offsets[source_id + 1] = offsets[source_id] + len(source)
-        stats.num_blank_lines += source.num_blank_lines
+        note_source(source, stats, strict=strict)
         fallback = domain_from_path(source.path) if domain_from_filename else None
         for position, raw in enumerate(source.iter_raw()):
             try:
@@ -222,6 +279,7 @@ def index_records(
                 continue
             stats.num_valid += 1
             stats.num_without_reasoning_query += record.reasoning_query is None
+            stats.note_duplicates(record, source.location(position), seen_ids, seen_content)
             keys[domain].append(int(offsets[source_id]) + position)
             if record.train_group_size is not None:
                 groups[domain].add(record.train_group_size)
@@ -236,6 +294,6 @@ def index_records(
         )
         for name in sorted(keys)
     )
-    if stats.num_bad:
+    if stats.num_bad or stats.duplicate_ids or stats.identical_records:
         log.warning("training data: %s", stats.summary())
     return RecordIndex(domains=domains, source_offsets=offsets, stats=stats)

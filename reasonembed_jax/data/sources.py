@@ -21,6 +21,7 @@ import glob
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -68,17 +69,32 @@ class JsonlSource:
         starts, ends, line_numbers, blanks = [], [], [], 0
         chunks: list[bytes] = []
         pos = 0
+        # Set when a gzip stream ends early (an interrupted copy): the complete lines before the
+        # damage are indexed, the cut last line is not. ``index.note_source`` counts or raises.
+        self.truncation: tuple[int, str] | None = None
+        line_no = 0
         with self._open_stream() as f:
-            for line_no, line in enumerate(f, start=1):
-                if self.compressed:
-                    chunks.append(line)
-                if line.strip():
-                    starts.append(pos)
-                    ends.append(pos + len(line.rstrip(b"\r\n")))
-                    line_numbers.append(line_no)
-                else:
-                    blanks += 1
-                pos += len(line)
+            try:
+                for line_no, line in enumerate(f, start=1):  # noqa: B007 (read after the loop)
+                    if self.compressed:
+                        chunks.append(line)
+                    if line.strip():
+                        starts.append(pos)
+                        ends.append(pos + len(line.rstrip(b"\r\n")))
+                        line_numbers.append(line_no)
+                    else:
+                        blanks += 1
+                    pos += len(line)
+            except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+                if not self.compressed:
+                    raise
+                if chunks and not chunks[-1].endswith(b"\n"):  # the cut line
+                    pos -= len(chunks.pop())
+                    if line_numbers and line_numbers[-1] == line_no:
+                        starts.pop(), ends.pop(), line_numbers.pop()
+                    line_no -= 1
+                self.truncation = (line_no + 1, str(err).splitlines()[0] if str(err) else
+                                   type(err).__name__)
         self.starts = np.asarray(starts, dtype=np.int64)
         self.ends = np.asarray(ends, dtype=np.int64)
         self.line_numbers = np.asarray(line_numbers, dtype=np.int64)
@@ -90,8 +106,17 @@ class JsonlSource:
         return gzip.open(self.path, "rb") if self.compressed else open(self.path, "rb")
 
     def _load_bytes(self) -> bytes:
+        if self.truncation is None:
+            with self._open_stream() as f:
+                return f.read()
+        parts = []  # a damaged gzip stream: the lines before the damage, read as indexed
         with self._open_stream() as f:
-            return f.read()
+            try:
+                for line in f:
+                    parts.append(line)
+            except (EOFError, zlib.error, gzip.BadGzipFile):
+                pass
+        return b"".join(parts)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -18,11 +18,11 @@ import argparse
 import functools
 import logging
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from reasonembed_jax.data.index import InputStats, check_record
+from reasonembed_jax.cli import run_cli
+from reasonembed_jax.data.index import InputStats, check_record, note_source
 from reasonembed_jax.data.sources import JsonlSource, domain_from_path
 from reasonembed_jax.records import RecordError
 
@@ -124,7 +124,7 @@ def builder_class() -> type:
         def _generate_examples(self, paths: Sequence[str]) -> Any:
             for path in paths:
                 source = JsonlSource(path)
-                self.stats.num_blank_lines += source.num_blank_lines
+                note_source(source, self.stats, strict=self._strict)
                 for position, raw in enumerate(source.iter_raw()):
                     try:
                         record, domain = check_record(
@@ -181,4 +181,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

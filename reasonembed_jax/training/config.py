@@ -8,7 +8,10 @@ error naming it (the dict is locked).
 from __future__ import annotations
 
 import importlib.util
+import math
+import numbers
 import os
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
@@ -121,3 +124,103 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = default_data_config()
     return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation (when the config is resolved, before anything is built)
+# ---------------------------------------------------------------------------------------------
+
+_INT, _REAL = "an integer", "a number"
+# key -> (kind, low, high, low_inclusive, may_be_none). A value must be finite and in range;
+# None is "unset" only where the field is a placeholder, and 0 never means unset.
+_RANGES: dict[str, tuple[str, float, float, bool, bool]] = {
+    "lora.rank": (_INT, 1, math.inf, True, False),
+    "lora.alpha": (_REAL, 0, math.inf, False, False),
+    "lora.dropout": (_REAL, 0, 1, True, False),
+    "loss.temperature": (_REAL, 0, math.inf, False, False),
+    "loss.kappa": (_REAL, 0, math.inf, False, False),
+    "loss.ri_warmup_steps": (_INT, 0, math.inf, True, False),
+    "loss.qwen3_margin": (_REAL, -2, 2, True, False),
+    "optim.learning_rate": (_REAL, 0, math.inf, False, False),
+    "optim.weight_decay": (_REAL, 0, math.inf, True, False),
+    "optim.warmup_ratio": (_REAL, 0, 1, True, False),
+    "optim.end_ratio": (_REAL, 0, 1, True, False),
+    "optim.b1": (_REAL, 0, 1, True, False),
+    "optim.b2": (_REAL, 0, 1, True, False),
+    "optim.eps": (_REAL, 0, math.inf, True, False),
+    "optim.clip_norm": (_REAL, 0, math.inf, False, True),
+    "train.num_steps": (_INT, 1, math.inf, True, True),
+    "train.grad_cache_chunk": (_INT, 1, math.inf, True, False),
+    "train.log_every": (_INT, 1, math.inf, True, False),
+    "train.checkpoint_every": (_INT, 1, math.inf, True, False),
+    "train.keep_checkpoints": (_INT, 1, math.inf, True, False),
+    "train.max_consecutive_nan": (_INT, 1, math.inf, True, False),
+    "train.peak_tflops_per_device": (_REAL, 0, math.inf, False, True),
+    "eval.every": (_INT, 0, math.inf, True, False),  # 0: never (documented), not "unset"
+    "eval.top_k": (_INT, 1, math.inf, True, False),
+    "eval.max_length": (_INT, 1, math.inf, True, False),
+    "eval.batch_size": (_INT, 1, math.inf, True, False),
+    "export.max_length": (_INT, 1, math.inf, True, False),
+    "data.group_size": (_INT, 1, math.inf, True, False),
+    "data.batch_size": (_INT, 1, math.inf, True, False),
+    "data.num_devices": (_INT, 1, math.inf, True, True),
+    "data.num_epochs": (_REAL, 0, math.inf, False, False),
+    "data.max_steps": (_INT, 1, math.inf, True, True),
+    "data.query_max_length": (_INT, 1, math.inf, True, False),
+    "data.passage_max_length": (_INT, 1, math.inf, True, False),
+    "data.reasoning_max_length": (_INT, 1, math.inf, True, False),
+    "data.max_text_chars": (_INT, 1, math.inf, True, False),
+    "data.max_reported_errors": (_INT, 0, math.inf, True, False),
+    "data.worker_count": (_INT, 0, math.inf, True, False),
+    "data.worker_buffer_size": (_INT, 1, math.inf, True, False),
+    "data.read_threads": (_INT, 1, math.inf, True, False),
+}
+# Fields whose upper end is open: b1 and b2 must stay below 1, dropout below 1.
+_OPEN_ABOVE = {"lora.dropout", "optim.b1", "optim.b2"}
+
+
+def check_number(key: str, value: Any, kind: str, low: float, high: float = math.inf, *,
+                 low_inclusive: bool = True, high_inclusive: bool = True,
+                 may_be_none: bool = False) -> None:
+    """Raises ``ValueError`` naming ``key`` unless ``value`` is a finite number of ``kind`` in
+    range (``None`` allowed only with ``may_be_none``)."""
+    if value is None:
+        if may_be_none:
+            return
+        raise ValueError(f"{key} must be set (got None)")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{key} must be {kind}, got {value!r}")
+    if kind == _INT and float(value) != int(value):
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{key} must be finite, got {value!r}")
+    too_low = value < low if low_inclusive else value <= low
+    too_high = value > high if high_inclusive else value >= high
+    if too_low or too_high:
+        lo = f"{'>=' if low_inclusive else '>'} {low:g}"
+        hi = "" if high == math.inf else f" and {'<=' if high_inclusive else '<'} {high:g}"
+        unset = " (None means unset; 0 is not)" if may_be_none and value == 0 else ""
+        raise ValueError(f"{key} must be {lo}{hi}, got {value!r}{unset}")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks every numeric setting the trainer reads; raises ``ValueError`` naming the first
+    bad key (``optim.learning_rate must be > 0, got nan``). Keys a config lacks are skipped."""
+    for key, (kind, low, high, low_inc, none_ok) in _RANGES.items():
+        group, _, name = key.partition(".")
+        if group not in config or name not in config[group]:
+            continue
+        if key == "lora.rank" and not config.lora.get("enabled", True):
+            continue
+        check_number(key, config[group][name], kind, low, high, low_inclusive=low_inc,
+                     high_inclusive=key not in _OPEN_ABOVE, may_be_none=none_ok)
+    for axis in ("data", "fsdp", "tensor"):  # -1: the devices left over (one axis at most)
+        if "mesh" in config and axis in config.mesh and config.mesh[axis] != -1:
+            check_number(f"mesh.{axis}", config.mesh[axis], _INT, 1)
+    if "data" in config:
+        for length in config.data.get("buckets", ()) or ():
+            check_number("data.buckets[]", length, _INT, 1)
+        for domain, override in dict(config.data.get("domains") or {}).items():
+            for field in ("group_size", "batch_size"):
+                if field in override:
+                    check_number(f"data.domains.{domain}.{field}", override[field], _INT, 1)

@@ -327,11 +327,19 @@ def deepspeed_warmup_decay_schedule(
     return schedule
 
 
+def all_finite(tree: PyTree) -> Array:
+    """True when every floating-point leaf of ``tree`` is finite (a traced boolean)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 def make_train_step(
     cfg: StepConfig, optimizer: optax.GradientTransformation, schedule: optax.Schedule
 ) -> Callable[[PyTree, PyTree, Mapping[str, Array]], tuple[PyTree, dict[str, Array]]]:
-    """``train_step(state, frozen, batch) -> (state, metrics)``; a non-finite loss or gradient
-    leaves parameters and optimizer state untouched and reports ``skipped = 1``."""
+    """``train_step(state, frozen, batch) -> (state, metrics)``; a non-finite loss, gradient,
+    new parameter or optimizer state leaves parameters and optimizer state untouched and reports
+    ``skipped = 1``."""
     grads_fn = grad_cache_loss_and_grads if cfg.grad_cache else plain_loss_and_grads
 
     def train_step(state: PyTree, frozen: PyTree, batch: Mapping[str, Array]) -> tuple[PyTree, dict]:
@@ -341,6 +349,9 @@ def make_train_step(
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = optimizer.update(grads, state["opt_state"], state["params"])
         new_params = optax.apply_updates(state["params"], updates)
+        # A finite loss and gradient can still give a non-finite update (a NaN learning rate,
+        # an overflow in the optimizer): never apply, save or export such a state.
+        finite = finite & all_finite(new_params) & all_finite(new_opt)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         new_state = {
             "step": step + 1,
@@ -361,6 +372,8 @@ def make_train_step(
         if "reasoning_intensity" in aux:
             metrics["ri_mean"] = jnp.mean(aux["reasoning_intensity"])
             metrics["reasoning_loss"] = jnp.mean(aux["reasoning_loss"])
+        if "ri_uniform" in aux:  # 1: every query solved, RI weights fell back to uniform
+            metrics["ri_uniform"] = aux["ri_uniform"]
         return new_state, metrics
 
     return train_step

@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reasonembed_jax import hf_io
+from reasonembed_jax.cli import UserError
 from reasonembed_jax.distributed import to_host
 from reasonembed_jax.lora import PROJECTIONS, LoraConfig, init_lora, lora_param_shapes, merge_lora
 from reasonembed_jax.model.encoder import ModelConfig, config_from_hf, config_from_hf_dir
@@ -33,9 +34,11 @@ from reasonembed_jax.model.params import LAYER_PREFIX, init_param_value, param_s
 from reasonembed_jax.model.sharding import DEFAULT_RULES, make_mesh, named_sharding
 from reasonembed_jax.tiny_model import shrink_hf_config
 from reasonembed_jax.training.checkpoint import Checkpointer, abstract_like
+from reasonembed_jax.training.config import validate_config
 from reasonembed_jax.training.step import (
     SCHEDULES,
     StepConfig,
+    all_finite,
     deepspeed_warmup_decay_schedule,
     make_optimizer,
     make_schedule,
@@ -49,8 +52,8 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5p": 459.0, "T
                "TPU v5e": 197.0, "TPU v4": 275.0, "TPU v6": 918.0}
 
 
-class TrainingError(RuntimeError):
-    pass
+class TrainingError(UserError, RuntimeError):
+    """A setting, input or run condition the user must change (one line on the CLI)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,11 +266,11 @@ class NanGuard:
     def update(self, step: int, skipped: bool, loss: float) -> None:
         self.streak = self.streak + 1 if skipped else 0
         if skipped:
-            log.warning("step %d: non-finite loss or gradient (loss=%s); update skipped "
+            log.warning("step %d: non-finite loss, gradient or update (loss=%s); update skipped "
                         "(%d in a row)", step, loss, self.streak)
         if self.streak >= self.max_consecutive:
             raise TrainingError(
-                f"{self.streak} consecutive steps had a non-finite loss or gradient (last at step "
+                f"{self.streak} consecutive steps had a non-finite loss, gradient or update (last at step "
                 f"{step}); stopping. Lower the learning rate, check the data, or compute in "
                 "float32.")
 
@@ -312,6 +315,10 @@ class Trainer:
     """Builds everything from a config; ``run()`` trains, ``dry_run()`` only plans memory."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        try:
+            validate_config(config)
+        except ValueError as e:
+            raise TrainingError(f"config.{e}") from None
         self.config = config
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
@@ -468,7 +475,7 @@ class Trainer:
 
         c = self.config
         pipeline = build_pipeline(c.data)
-        num_steps = int(c.train.num_steps or pipeline.num_steps)
+        num_steps = pipeline.num_steps if c.train.num_steps is None else int(c.train.num_steps)
         if num_steps > pipeline.num_steps:
             raise TrainingError(
                 f"train.num_steps={num_steps} but the data gives only {pipeline.num_steps} steps "
@@ -483,7 +490,7 @@ class Trainer:
         checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                     every=c.train.checkpoint_every, keep=c.train.keep_checkpoints,
                                     async_save=c.train.async_checkpoints)
-        restored = checkpointer.restore_latest(abstract_like(state))
+        restored = checkpointer.restore_latest(abstract_like(state), accept=finite_state)
         if restored is not None:
             start, state, data_state = restored
             iterator.set_state(data_state["grain"])
@@ -508,6 +515,8 @@ class Trainer:
         bar = tqdm(total=num_steps, initial=start, unit="step", file=sys.stderr,
                    disable=not c.train.progress_bar or jax.process_index() != 0)
 
+        ri_uniform_steps = [0]  # this process's run so far
+
         def finish_pending() -> None:
             nonlocal pending
             if pending is None:
@@ -520,6 +529,9 @@ class Trainer:
             if peak:
                 m["mfu"] = info["flops"] / max(seconds, 1e-9) / (peak * jax.device_count())
             m["domain"] = info["domain"]
+            if "ri_uniform" in m:  # solved batches whose RI weights fell back to uniform
+                ri_uniform_steps[0] += int(m["ri_uniform"])
+                m["ri_uniform_steps"] = ri_uniform_steps[0]
             history.append({"step": step, **m})
             if step % c.train.log_every == 0 or m["skipped"] or step == num_steps - 1:
                 writer.write(step, {**m, **pipeline.stats.as_metrics()})
@@ -648,6 +660,8 @@ class Trainer:
 
         out = os.path.join(self.workdir, "export", f"step_{step}")
         params = self.merged_params(state, frozen)
+        if not finite_state({"params": params}):
+            raise TrainingError(f"the parameters at step {step} are not finite: not exported")
         eos_token = None
         if self.config.data.append_eos and self.config.data.eos_token_id is not None:
             tokenizer = load_tokenizer(self.config.data.tokenizer)
@@ -669,6 +683,12 @@ class Trainer:
             os.replace(tmp, latest)
             log.info("exported step %d to %s", step, out)
         return out
+
+
+def finite_state(state: Mapping[str, Any]) -> bool:
+    """Whether every parameter (and optimizer moment) of a train state is finite."""
+    return bool(to_host(jax.jit(all_finite)({k: v for k, v in state.items()
+                                             if k in ("params", "opt_state")})))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = False) -> dict:
