@@ -50,5 +50,12 @@ bench-scifact: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[test,bench]"
 	HF_HUB_OFFLINE=1 REASONEMBED_SHARED_DATA=$(SHARED) $(PY) benchmarks/scifact_finetune.py
 
+# SmolLM2-135M-Instruct turned into an embedder on SciFact: zero-shot vs ours vs sentence-transformers
+# + PEFT LoRA (defaults sized for ~60 min on a quiet 2-core CPU, an estimate).
+bench-decoder: $(VENV)/.installed models-smollm2
+	$(PY) -m pip install -q -e ".[test,bench]"
+	HF_HUB_OFFLINE=1 REASONEMBED_SHARED_DATA=$(SHARED) REASONEMBED_MODELS=$(MODELS_DIR) \
+		$(PY) benchmarks/decoder_finetune.py
+
 clean-venv:
 	rm -rf $(VENV)
