@@ -119,4 +119,7 @@ def test_hidden_states_and_embeddings_match_hf(real, append_eos):
     if os.environ.get("REASONEMBED_PARITY_OUT"):
         with open(os.environ["REASONEMBED_PARITY_OUT"], "a") as f:
             f.write(json.dumps(figures) + "\n")
-    assert cos_ours >= 0.99, figures
+    # Reported, not bounded tightly: bf16 moves a real LLM's last-token state a lot (SmolLM2 with
+    # <|endoftext|> appended: HF's own bf16 vs fp32 min cosine ~0.94); ours must not be clearly
+    # worse than PyTorch's own bf16.
+    assert cos_ours >= cos_hf - 0.05, figures
