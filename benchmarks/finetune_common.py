@@ -85,18 +85,19 @@ def training_triples(records: list[dict]) -> list[dict]:
 
 
 def mine_triples(queries: dict, corpus: dict, train_qrels: dict, embedder, root: str,  # noqa: ANN001
-                 seed: int) -> tuple[list[dict], str]:
+                 seed: int, negatives: str = "embedder") -> tuple[list[dict], str]:
     """Hard negatives from the project's miner (``data.build_records.build_beir_records``):
-    ``embedder`` ranks the corpus per training query, NV-Retriever's TopK-PercPos filter (95% of
-    the positive's score) drops likely false negatives, the best survivor is the negative.
-    Returns the triples and the records file written under ``root``."""
+    ``embedder`` (or BM25 with ``negatives="bm25"``) ranks the corpus per training query,
+    NV-Retriever's TopK-PercPos filter (95% of the positive's score) drops likely false
+    negatives, the best survivor is the negative. Returns the triples and the records file
+    written under ``root``."""
     from reasonembed_jax.data.build_records import build_beir_records, write_records
 
     t0 = time.perf_counter()
     records, skipped = build_beir_records(
-        queries, corpus, train_qrels, domain="scifact", instruction="", negatives="embedder",
-        embedder=embedder, num_negatives=1, depth=100, filter_name="perc_pos", perc=0.95,
-        margin=0.05, sample_from_top=None, max_chars=None, seed=seed)
+        queries, corpus, train_qrels, domain="scifact", instruction="", negatives=negatives,
+        embedder=embedder if negatives == "embedder" else None, num_negatives=1, depth=100,
+        filter_name="perc_pos", perc=0.95, margin=0.05, sample_from_top=None, max_chars=None, seed=seed)
     triples = training_triples(records)
     path = os.path.join(root, "scifact_train.jsonl.gz")
     write_records(path, triples)
