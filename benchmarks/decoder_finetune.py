@@ -111,7 +111,7 @@ def run_ours(c, model_dir: str, records_path: str, workdir: str, args) -> tuple[
 def run_reference(model_dir: str, triples: list[dict], workdir: str, c, args):
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
+    from peft import LoraConfig, get_peft_model
     from sentence_transformers import (
         SentenceTransformer,
         SentenceTransformerTrainer,
@@ -133,9 +133,12 @@ def run_reference(model_dir: str, triples: list[dict], workdir: str, c, args):
         single=f"$A {EOS}", pair=f"$A {EOS} $B:1 {EOS}:1", special_tokens=[(EOS, eos_id)])
     tok.padding_side = "left"
     pooling = [m for m in model if type(m).__name__ == "Pooling"][0]
-    assert pooling.get_config_dict().get("pooling_mode_lasttoken"), pooling.get_config_dict()
-    model.add_adapter(LoraConfig(r=c.lora.rank, lora_alpha=c.lora.alpha, lora_dropout=0.0,
-                                 target_modules=list(c.lora.targets)))
+    cfg = pooling.get_config_dict()
+    assert cfg.get("pooling_mode") == "lasttoken" or cfg.get("pooling_mode_lasttoken"), cfg
+    # PEFT directly (transformers' add_adapter wants peft >= 0.22, newer than the index has).
+    model[0].auto_model = get_peft_model(model[0].auto_model, LoraConfig(
+        r=c.lora.rank, lora_alpha=c.lora.alpha, lora_dropout=0.0,
+        target_modules=list(c.lora.targets)))
     data = Dataset.from_dict({"anchor": [t["query"] for t in triples],
                               "positive": [t["pos"][0] for t in triples],
                               "negative": [t["neg"][0] for t in triples]})
