@@ -39,9 +39,16 @@ import sys
 import tempfile
 import time
 
+from finetune_common import (
+    CachedEncoder,
+    mine_triples,
+    print_table,
+    score,
+    split_queries,
+)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("REASONEMBED_SHARED_DATA", REPO.parent / "shared" / "data"))
-METRICS = ("ndcg@10", "recall@100", "mrr@10")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,63 +73,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", default=None, help="keep runs here (default: a temp folder)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     return p.parse_args(argv)
-
-
-def split_queries(train_qrels: dict, eval_qrels: dict | None, fraction: float, seed: int
-                  ) -> tuple[dict, dict]:
-    """(training qrels, scored qrels)."""
-    import numpy as np
-
-    if eval_qrels is not None:
-        return {q: r for q, r in train_qrels.items() if q not in eval_qrels}, eval_qrels
-    if not 0.0 < fraction < 1.0:
-        raise SystemExit(f"--dev-fraction must be in (0, 1), got {fraction}")
-    qids = sorted(train_qrels)
-    order = np.random.default_rng(seed).permutation(len(qids))
-    n_dev = max(1, int(round(fraction * len(qids))))
-    dev = {qids[i] for i in order[:n_dev]}
-    return ({q: r for q, r in train_qrels.items() if q not in dev},
-            {q: r for q, r in train_qrels.items() if q in dev})
-
-
-class CachedEncoder:
-    """Wraps an encoder so texts embedded once (the corpus) are not embedded again."""
-
-    def __init__(self, encoder) -> None:
-        self.encoder = encoder
-        self.cache: dict[str, object] = {}
-
-    def encode(self, texts, instruction=None, batch_size=32):
-        import numpy as np
-
-        missing = sorted({t for t in texts if t not in self.cache})
-        if missing:
-            for t, e in zip(missing, self.encoder.encode(missing, instruction=instruction,
-                                                         batch_size=batch_size, progress=False),
-                            strict=True):
-                self.cache[t] = e
-        return np.stack([self.cache[t] for t in texts])
-
-
-def score(query_emb, doc_emb, qids, doc_ids, qrels, top_k=100) -> dict[str, float]:
-    import numpy as np
-
-    from reasonembed_jax.evaluation.metrics import mean_metrics, per_query_metrics
-    from reasonembed_jax.evaluation.search import top_k_of_scores
-
-    scores = np.asarray(query_emb, np.float32) @ np.asarray(doc_emb, np.float32).T
-    run = top_k_of_scores(scores, top_k).to_run(qids, doc_ids)
-    return mean_metrics(per_query_metrics({q: qrels[q] for q in qids}, run, METRICS))
-
-
-def training_triples(records: list[dict]) -> list[dict]:
-    """One (query, positive, negative) row per positive of each mined record."""
-    rows = []
-    for r in records:
-        for k, pos in enumerate(r["pos"]):
-            rows.append({"id": f"{r['id']}-{k}", "domain": r["domain"], "prompt": r["prompt"],
-                         "query": r["query"], "pos": [pos], "neg": r["neg"][:1]})
-    return rows
 
 
 def run_ours(c, model_dir: str, records_path: str, workdir: str, args) -> tuple[str, float]:
@@ -194,7 +144,7 @@ def main(argv=None) -> int:
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-    from reasonembed_jax.data.build_records import build_beir_records, load_beir, write_records
+    from reasonembed_jax.data.build_records import load_beir
     from reasonembed_jax.encode import TextEncoder
     from reasonembed_jax.evaluation.datasets import read_qrels_tsv
     from reasonembed_jax.training.config import load_config_file
@@ -228,16 +178,7 @@ def main(argv=None) -> int:
     doc_emb = zero_shot.encode(docs)
     results["zero-shot"] = {**score(zero_shot.encode(dev_texts), doc_emb, dev_qids, doc_ids,
                                     dev_qrels), "encode_s": time.perf_counter() - t0}
-    t0 = time.perf_counter()
-    records, skipped = build_beir_records(
-        queries, corpus, train_qrels, domain="scifact", instruction="", negatives="embedder",
-        embedder=zero_shot, num_negatives=1, depth=100, filter_name="perc_pos", perc=0.95,
-        margin=0.05, sample_from_top=None, max_chars=None, seed=args.seed)
-    triples = training_triples(records)
-    records_path = os.path.join(root, "scifact_train.jsonl.gz")
-    write_records(records_path, triples)
-    print(f"mined {len(records)} records ({skipped}) -> {len(triples)} triples in "
-          f"{time.perf_counter() - t0:.1f}s: {records_path}", flush=True)
+    triples, records_path = mine_triples(queries, corpus, train_qrels, zero_shot, root, args.seed)
 
     export_dir, seconds = run_ours(config, model_dir, records_path, os.path.join(root, "ours"), args)
     t0 = time.perf_counter()
@@ -261,16 +202,7 @@ def main(argv=None) -> int:
     print(f"\nSciFact, {len(dev_qids)} scored queries; {len(triples)} training triples, "
           f"{args.epochs:g} epoch(s), batch {args.batch_size} (~{steps} steps), lr {args.lr:g}, "
           f"temperature {args.temperature:g}, seed {args.seed}")
-    header = f"{'system':<22}" + "".join(f"{m:>12}" for m in METRICS) + f"{'train s':>10}{'vs ST':>8}"
-    print(header)
-    print("-" * len(header))
-    st_time = results.get("sentence-transformers", {}).get("train_s")
-    for name, r in results.items():
-        train = r.get("train_s")
-        ratio = f"{st_time / train:.2f}x" if train and st_time else "-"
-        print(f"{name:<22}" + "".join(f"{r[m]:>12.4f}" for m in METRICS)
-              + (f"{train:>10.1f}" if train else f"{'-':>10}") + f"{ratio:>8}")
-    print("(vs ST: sentence-transformers' training time / this system's; >1 is faster)")
+    print_table(results, "sentence-transformers")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)

@@ -40,3 +40,23 @@ def qwen3_tokenizer_dir(shared_data: pathlib.Path) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def hf_configs_dir(shared_data: pathlib.Path) -> pathlib.Path:
     return shared_data / "hf_configs"
+
+
+def _real_model_paths(name: str) -> tuple[pathlib.Path, pathlib.Path]:
+    from reasonembed_jax.real_models import MODELS, models_dir
+
+    model, root = MODELS[name], models_dir()
+    gguf, hf = pathlib.Path(model.gguf_path(root)), pathlib.Path(model.hf_dir(root))
+    if not gguf.is_file() or not (hf / "config.json").is_file():
+        target = "models-smollm2" if name == "smollm2" else "models"
+        pytest.skip(f"real model '{name}' not found under {root} (fetch and convert it with "
+                    f"`make {target}`)")
+    return gguf, hf
+
+
+@pytest.fixture(scope="session")
+def real_model_paths():
+    """``real_model_paths(name)``: (GGUF file, converted HF folder) of a real model from
+    ``reasonembed_jax.real_models`` (under $REASONEMBED_MODELS or .cache/models); skips the test
+    with the reason when it is absent."""
+    return _real_model_paths

