@@ -35,6 +35,7 @@ from train_configs import random_batch, tiny_train_config
     ("data", "batch_size", -2),
     ("data", "num_epochs", float("nan")),
     ("eval", "max_length", 0),
+    ("optim", "reference_world_size", 0),
 ])
 def test_bad_setting_is_refused_naming_the_key(group, key, value, tmp_path):
     c = tiny_train_config(steps=2, devices=8)

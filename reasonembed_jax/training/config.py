@@ -149,6 +149,7 @@ _RANGES: dict[str, tuple[str, float, float, bool, bool]] = {
     "optim.b2": (_REAL, 0, 1, True, False),
     "optim.eps": (_REAL, 0, math.inf, True, False),
     "optim.clip_norm": (_REAL, 0, math.inf, False, True),
+    "optim.reference_world_size": (_INT, 1, math.inf, True, False),
     "train.num_steps": (_INT, 1, math.inf, True, True),
     "train.grad_cache_chunk": (_INT, 1, math.inf, True, False),
     "train.log_every": (_INT, 1, math.inf, True, False),
