@@ -64,6 +64,11 @@ class StepConfig:
         return self.loss == "ri_infonce"
 
     @property
+    def last_token_only(self) -> bool:
+        """Whether the decoder runs its last layer for the pooled token only."""
+        return self.pooling == "last_token" and self.model.model_type != "bert"
+
+    @property
     def data_parallel(self) -> int:
         if self.mesh is None:
             return 1
