@@ -239,22 +239,13 @@ def _scan_layers(
 ) -> Array:
     """Runs the stacked layers with one ``lax.scan`` over the *whole* stacks.
 
-    Two things keep parameter-sized temporaries out of the compiled step (measured with XLA's
-    buffer assignment, see ``tests/test_memory_plan.py``):
-
-    - the stacks are scanned as they are, never sliced (``a[:L-1]`` would copy every stacked
-      weight); with ``index`` (last-token pooling) the last iteration runs the query-only
-      layer under ``lax.cond`` instead of a separate call on a sliced stack;
-    - each layer's slice passes an ``optimization_barrier``, so a compiler that widens bf16
-      matmul operands (XLA:CPU turns bf16 dots into f32 ones) converts one layer's weights
-      inside the loop instead of hoisting a float32 copy of the whole stack out of it.
+    The stacks are scanned as they are, never sliced: ``a[:L-1]`` copied every stacked weight
+    (a parameter-sized temporary per pass, found in XLA's buffer assignment). With ``index``
+    (last-token pooling) the last iteration runs the query-only layer under ``lax.cond``.
     """
     def body(carry: tuple[Array, Array], xs: tuple[Array, dict[str, Array]]):
         h, pooled = carry
         i, p = xs
-        # One barrier per leaf: a shared one would tie the frozen weights to the trained ones
-        # and make autodiff build (zero) cotangents for the frozen stacks.
-        p = {k: jax.lax.optimization_barrier(v) for k, v in p.items()}
         if index is None:
             return (layer_fn(h, p), pooled), None
 
