@@ -1,4 +1,9 @@
-"""The FLOP formula (training.flops) against XLA's own cost analysis of the compiled step."""
+"""The FLOP formula (training.flops) against XLA's own cost analysis of the compiled step.
+
+GradCache's extra forward is not checked this way: its chunks run in a while loop, whose body
+the cost analysis counts once, and with a single chunk XLA merges the first pass with the
+second pass's forward (same inputs, same dropout keys), so neither count is what a real
+multi-chunk step runs."""
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +50,7 @@ def _compiled_flops(cfg, lora, grad_cache, pooling, rows=4, group=2, t=64):
 
 @pytest.mark.parametrize("tuning,grad_cache,remat,pooling", [
     ("full", False, "none", "mean"),
-    ("lora", True, "full", "last_token"),
+    ("lora", False, "full", "last_token"),
 ])
 def test_hardware_flops_match_xla_cost_analysis(tuning, grad_cache, remat, pooling):
     cfg = config_from_hf(HF, scan_layers=False, remat_policy=remat)

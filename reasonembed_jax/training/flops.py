@@ -9,8 +9,9 @@ Per token through a model of ``N`` matmul parameters (embedding gathers are free
   keys, as every implementation here computes them; a causal kernel skips about half) and twice
   that backward;
 - hardware FLOPs add what the step recomputes: one more forward under GradCache (its first,
-  gradient-free pass over every chunk) and one more under full rematerialisation (the backward
-  re-runs each layer's forward); ``dots``/``save_projections`` keep the matmuls, so nothing.
+  gradient-free pass over every chunk) and, under full rematerialisation, each layer's forward
+  again in the backward pass less the ``o_proj``/``down_proj`` matmuls, whose outputs no gradient
+  reads (autodiff drops them); ``dots``/``save_projections`` keep the matmuls, so nothing.
 - reasoning queries (RI-InfoNCE weights) run forward only, once.
 
 Model FLOPs utilisation (MFU) divides model FLOPs per second by the hardware's peak; hardware
@@ -91,9 +92,19 @@ def step_flops_split(cfg: Any, batch: Mapping[str, Any], *, grad_cache: bool,
         weights = base if lora is not None else 2 * base  # frozen base: activation grads only
         return weights + 2 * adapters + 2 * attn
 
+    # Full remat re-runs each layer's forward in the backward pass, except what no gradient
+    # reads: the outputs of o_proj and down_proj (and their adapters) feed only residual sums.
+    c_in = c.num_heads * c.head_dim * c.hidden_size + c.intermediate_size * c.hidden_size
+    kept = 1.0 - c.num_layers * c_in / max(n, 1)
+
+    def recompute(role: str) -> float:
+        base, adapters, attn = passes(role)
+        return (base + adapters) * kept + attn
+
     fwd = sum(forward(r) for r in ROLES_TRAINED)
     model = fwd + sum(backward(r) for r in ROLES_TRAINED)
-    extra = (fwd if grad_cache else 0.0) + (fwd if remat == "full" else 0.0)
+    extra = (fwd if grad_cache else 0.0) + (
+        sum(recompute(r) for r in ROLES_TRAINED) if remat == "full" else 0.0)
     if uses_reasoning:
         model += forward("reasoning")
     return {"model": model, "hardware": model + extra}
