@@ -206,7 +206,7 @@ def our_step(hf, *, lora_rank, rows, group, t, grad_cache, chunk, reasoning, fol
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     flops = step_flops_split(cfg, batch, grad_cache=grad_cache, uses_reasoning=reasoning,
-                             lora=lora, last_token_only=True)
+                             lora=lora, last_token_only=step_cfg.last_token_only)
     tokens = sum(int(np.asarray(batch[f"{r}_attention_mask"]).sum()) for r, _ in roles)
     return min(times), flops, mem, tokens, float(metrics["loss"])
 

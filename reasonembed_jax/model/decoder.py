@@ -237,26 +237,22 @@ def _scan_layers(
     x: Array, stacked: dict[str, Array], num_layers: int, layer_fn: Callable, last_layer_fn: Callable,
     index: Array | None,
 ) -> Array:
-    """Runs the stacked layers with one ``lax.scan`` over the *whole* stacks.
+    """Runs the stacked layers with one ``lax.scan`` over the *whole* stacks, each scanned
+    slice used as it is, so autodiff forwards it as a residual instead of stacking a copy.
 
-    The stacks are scanned as they are, never sliced: ``a[:L-1]`` copied every stacked weight
-    (a parameter-sized temporary per pass, found in XLA's buffer assignment). With ``index``
-    (last-token pooling) the last iteration runs the query-only layer under ``lax.cond``.
+    Parameter-sized temporaries found in XLA's buffer assignment: scanning a sliced stack
+    (``a[:L-1]``, for the last-token shortcut) copied every stacked weight, and running the
+    shortcut under ``lax.cond`` inside the scan made the weights cond outputs, which autodiff then
+    stacked as residuals. So under scan the last layer runs in full (``index`` only picks the
+    pooled row; ~1/L more compute); the unrolled path keeps the shortcut.
     """
-    def body(carry: tuple[Array, Array], xs: tuple[Array, dict[str, Array]]):
-        h, pooled = carry
-        i, p = xs
-        if index is None:
-            return (layer_fn(h, p), pooled), None
+    def body(h: Array, p: dict[str, Array]) -> tuple[Array, None]:
+        return layer_fn(h, p), None
 
-        def last(h: Array) -> tuple[Array, Array]:
-            return h, last_layer_fn(h, p, index)[:, 0]
-
-        return jax.lax.cond(i == num_layers - 1, last, lambda h: (layer_fn(h, p), pooled), h), None
-
-    pooled = jnp.zeros((x.shape[0], x.shape[2]), x.dtype)
-    (x, pooled), _ = jax.lax.scan(body, (x, pooled), (jnp.arange(num_layers), stacked))
-    return x if index is None else pooled
+    x, _ = jax.lax.scan(body, x, stacked)
+    if index is None:
+        return x
+    return jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0]
 
 
 def decoder_forward(
