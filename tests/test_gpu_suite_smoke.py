@@ -24,4 +24,4 @@ def test_gpu_suite_smoke_runs_every_part(tmp_path):
     assert got[("1 parity", "min cosine ours fp32 vs HF fp32")] > 0.9999
     assert got[("1 parity", "min cosine ours bf16 vs HF bf16")] > 0.99
     assert got[("3 recipe 8B", "projected hours, one epoch of 81,659 queries")] > 0
-    assert any(p == "4 encode" and "sentence-transformers" in m for p, m in got)
+    assert got[("4 encode", "sentence-transformers tokens/s (same ids)")] > 0
