@@ -77,7 +77,8 @@ def test_grad_cache_equals_plain_gradients_and_saves_memory():
     loss_g, aux_g, grads_g = jax.jit(lambda p, b: grad_cache_loss_and_grads(gc_cfg, p, {}, b, step, rng))(
         params, batch)
     np.testing.assert_allclose(loss_g, loss_p, rtol=1e-6)
-    np.testing.assert_allclose(aux_g["weights"], aux_p["weights"], rtol=1e-5)
+    # atol: the smallest RI weights (~5e-5) differ by float32 rounding of chunked vs whole matmuls
+    np.testing.assert_allclose(aux_g["weights"], aux_p["weights"], rtol=1e-5, atol=1e-8)
     assert float(jnp.std(aux_p["weights"])) > 0  # RI weighting active
     for name in grads_p:
         assert _rel(grads_g[name], grads_p[name]) <= 1e-5, name

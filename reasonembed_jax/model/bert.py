@@ -25,8 +25,19 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
-from reasonembed_jax.model.config import REMAT_POLICIES, RuntimeFields, resolve_dtype
-from reasonembed_jax.model.decoder import remat_policy
+from reasonembed_jax.model.config import (
+    ATTENTION_IMPLS,
+    REMAT_POLICIES,
+    RuntimeFields,
+    resolve_dtype,
+)
+from reasonembed_jax.model.decoder import (
+    AttentionMask,
+    attention,
+    remat_policy,
+    resolve_attention_impl,
+    to_right_padding,
+)
 from reasonembed_jax.model.params import LAYER_PREFIX, ParamSpec, identity, linear, reshape
 from reasonembed_jax.model.sharding import DEFAULT_RULES, Rules, constrain
 
@@ -70,6 +81,7 @@ class BertConfig(RuntimeFields):
     param_dtype: str = "float32"
     dtype: str = "float32"
     attention: str = "bidirectional"
+    attention_impl: str = "auto"  # auto | matmul | xla | cudnn (see decoder.attention)
     scan_layers: bool = True
     remat_policy: str = "none"
     hf_config: dict[str, Any] | None = dataclasses.field(default=None, compare=False, repr=False)
@@ -86,6 +98,9 @@ class BertConfig(RuntimeFields):
         if self.attention != "bidirectional":
             raise ValueError("BERT attention is bidirectional; set model.attention="
                              f"'bidirectional' (got '{self.attention}')")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got "
+                             f"'{self.attention_impl}'")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got "
                              f"'{self.remat_policy}'")
@@ -227,7 +242,7 @@ def _dropout(x: Array, rate: float, key: Array | None, salt: int) -> Array:
 def bert_layer(
     x: Array,
     params: dict[str, Array],
-    mask: Array,
+    mask: AttentionMask,
     config: BertConfig,
     mesh: Mesh | None = None,
     rules: Rules = DEFAULT_RULES,
@@ -246,15 +261,18 @@ def bert_layer(
                   rules)
     k = constrain(k, ("activation_batch", "activation_length", "activation_heads", None), mesh,
                   rules)
-    # Heads-major batched matmuls: on XLA:CPU this runs ~3x faster than the equivalent
-    # "btnd,bsnd->bnts" einsum (benchmarks/scifact_finetune.py's encode and step times).
-    qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, N, T, D]
-    logits = jnp.matmul(qh, kh.swapaxes(-1, -2), preferred_element_type=jnp.float32)
-    logits = logits * (c.head_dim**-0.5)
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    probs = _dropout(probs, c.attention_dropout, dropout_key, 0).astype(v.dtype)
-    attn = jnp.matmul(probs, vh).transpose(0, 2, 1, 3)  # [B, T, N, D]
+    if c.attention_impl in ("xla", "cudnn"):  # jax.nn's kernels (no attention dropout)
+        attn = attention(q, k, v, mask, False, c.attention_impl)
+    else:
+        # Heads-major batched matmuls: on XLA:CPU this runs ~3x faster than the equivalent
+        # "btnd,bsnd->bnts" einsum (benchmarks/scifact_finetune.py's encode and step times).
+        qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, N, T, D]
+        logits = jnp.matmul(qh, kh.swapaxes(-1, -2), preferred_element_type=jnp.float32)
+        logits = logits * (c.head_dim**-0.5)
+        logits = jnp.where(mask.boolean[:, 0], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1)
+        probs = _dropout(probs, c.attention_dropout, dropout_key, 0).astype(v.dtype)
+        attn = jnp.matmul(probs, vh).transpose(0, 2, 1, 3)  # [B, T, N, D]
     out = checkpoint_name(project("o_proj", attn, p, "btnd,ndh->bth") + p["o_bias"], "out_proj")
     out = _dropout(out, c.hidden_dropout, dropout_key, 1)
     x = layer_norm(x + out, p["attention_norm"], p["attention_norm_bias"], c.layer_norm_eps)
@@ -284,11 +302,20 @@ def bert_forward(
     """Final hidden states ``[B, T, hidden]`` of a BERT encoder as a pure function of the flat
     parameter dict. ``dropout_key`` (raw key data or a key) switches HF's dropout on: the
     embedding output, attention probabilities and both residual branches, as ``model.train()``."""
-    c = config
+    impl = resolve_attention_impl(config.attention_impl, config.dtype)
+    if dropout_key is not None and config.attention_dropout > 0 and impl != "matmul":
+        if config.attention_impl != "auto":
+            raise ValueError(f"attention_impl='{impl}' has no attention dropout; train BERT with "
+                             "dropout on attention_impl='matmul' (or 'auto')")
+        impl = "matmul"
+    c = config.replace(attention_impl=impl)
     if input_ids.shape[1] > c.max_position_embeddings:
         raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's "
                          f"max_position_embeddings={c.max_position_embeddings}")
     attention_mask = attention_mask.astype(jnp.int32)
+    restore = None
+    if impl == "cudnn":  # the kernel reads lengths: real tokens first
+        input_ids, attention_mask, restore = to_right_padding(input_ids, attention_mask)
     positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
     x = (jnp.take(params["embed_tokens"], input_ids, axis=0).astype(jnp.float32)
          + jnp.take(params["position_embeddings"], positions, axis=0).astype(jnp.float32)
@@ -301,7 +328,8 @@ def bert_forward(
                else dropout_key)
         x = _dropout(x, c.hidden_dropout, jax.random.fold_in(key, c.num_layers), 3)
     x = constrain(x, ("activation_batch", "activation_length", "activation_embed"), mesh, rules)
-    mask = attention_mask.astype(bool)[:, None, None, :]
+    mask = AttentionMask(attention_mask.astype(bool)[:, None, None, None, :],
+                         attention_mask.sum(axis=1, dtype=jnp.int32))
     stacked = {k[len(LAYER_PREFIX):]: v for k, v in params.items() if k.startswith(LAYER_PREFIX)}
     layer_keys = None if key is None else jax.random.split(key, c.num_layers)
 
@@ -317,4 +345,6 @@ def bert_forward(
         for i in range(c.num_layers):
             x = layer_fn(x, (jax.tree.map(lambda a, i=i: a[i], stacked),
                              None if layer_keys is None else layer_keys[i]))
+    if restore is not None:
+        x = jnp.take_along_axis(x, restore[:, :, None], axis=1)
     return x

@@ -13,6 +13,7 @@ SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
 POOLING_MODES = ("last_token", "mean", "first_token")
 ATTENTION_MODES = ("causal", "bidirectional")
 REMAT_POLICIES = ("none", "full", "dots", "save_projections")
+ATTENTION_IMPLS = ("auto", "matmul", "xla", "cudnn")
 
 _DTYPES = {
     "float32": jnp.float32,
@@ -77,6 +78,8 @@ class DecoderConfig(RuntimeFields):
     param_dtype: str = "float32"
     dtype: str = "float32"
     attention: str = "causal"
+    # How attention runs (decoder.ATTENTION_IMPLS): auto | matmul | xla | cudnn.
+    attention_impl: str = "auto"
     scan_layers: bool = True
     remat_policy: str = "none"
     hf_config: dict[str, Any] | None = dataclasses.field(default=None, compare=False, repr=False)
@@ -97,6 +100,9 @@ class DecoderConfig(RuntimeFields):
             raise ValueError(
                 f"remat_policy must be one of {REMAT_POLICIES}, got '{self.remat_policy}'"
             )
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention_impl must be one of {ATTENTION_IMPLS}, got '{self.attention_impl}'")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         resolve_dtype(self.param_dtype)

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
-from reasonembed_jax.model.config import DecoderConfig
+from reasonembed_jax.model.config import ATTENTION_IMPLS, DecoderConfig
 from reasonembed_jax.model.params import LAYER_PREFIX
 from reasonembed_jax.model.pooling import last_token_index
 from reasonembed_jax.model.sharding import DEFAULT_RULES, Rules, constrain
@@ -89,6 +89,59 @@ def attention_mask_bias(attention_mask: Array, causal: bool) -> Array:
     return keys & lower[None, None, None, :, :]
 
 
+class AttentionMask(NamedTuple):
+    """Both forms of a batch's attention mask: ``boolean [B, 1, 1, T, S]`` (``matmul``/``xla``)
+    and the real-token count per row ``lengths [B]`` (``cudnn``, right padding only)."""
+
+    boolean: Array
+    lengths: Array
+
+
+def resolve_attention_impl(impl: str, dtype: Any) -> str:
+    """``auto``: cuDNN's fused kernel on GPU for 16-bit compute, else our own ``matmul`` path
+    (heads-major batched matmuls: on XLA:CPU as fast as or faster than ``jax.nn``'s ``xla``)."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got '{impl}'")
+    if impl != "auto":
+        return impl
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if jax.default_backend() == "gpu" and half else "matmul"
+
+
+def attention(q: Array, k: Array, v: Array, mask: AttentionMask, causal: bool, impl: str,
+              *, single_query: bool = False) -> Array:
+    """Scaled dot-product attention ``[B, T, heads, d]`` of ``q [B, T, heads, d]`` over
+    ``k, v [B, S, kv_heads, d]`` (grouped-query when ``kv_heads < heads``).
+
+    ``impl``: ``matmul`` (our heads-major batched matmuls, float32 softmax), ``xla`` or
+    ``cudnn`` (``jax.nn.dot_product_attention`` with that implementation). ``cudnn`` reads only
+    sequence lengths, so it needs right padding (``decoder_forward`` reorders a left-padded batch
+    for it); the others read the boolean mask and take either side. ``single_query``: ``q`` is
+    each row's last real token only (``T = 1``), which sees every real key.
+    """
+    b, t, heads, d = q.shape
+    kv_heads = k.shape[2]
+    if impl in ("xla", "cudnn"):
+        if impl == "cudnn":
+            lengths = mask.lengths
+            q_lengths = jnp.ones_like(lengths) if single_query else lengths
+            return jax.nn.dot_product_attention(
+                q, k, v, is_causal=causal and not single_query, query_seq_lengths=q_lengths,
+                key_value_seq_lengths=lengths, implementation="cudnn")
+        return jax.nn.dot_product_attention(q, k, v, mask=mask.boolean[:, :, 0],
+                                            implementation="xla")
+    group = heads // kv_heads
+    # [B, kv_heads, group, T, d] x [B, kv_heads, 1, d, S]: one batched matmul per (row, head).
+    qh = q.reshape(b, t, kv_heads, group, d).transpose(0, 2, 3, 1, 4)
+    kh = k.transpose(0, 2, 3, 1)[:, :, None]
+    vh = v.transpose(0, 2, 1, 3)[:, :, None]
+    logits = jnp.matmul(qh, kh, preferred_element_type=jnp.float32) * (d**-0.5)
+    logits = jnp.where(mask.boolean, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    attn = jnp.matmul(probs, vh)  # [B, kv_heads, group, T, d]
+    return attn.transpose(0, 3, 1, 2, 4).reshape(b, t, heads, d)
+
+
 def default_project(name: str, x: Array, params: dict[str, Array], equation: str) -> Array:
     return jnp.einsum(equation, x, params[name])
 
@@ -98,7 +151,7 @@ def decoder_layer(
     params: dict[str, Array],
     cos: Array,
     sin: Array,
-    mask: Array,
+    mask: AttentionMask,
     config: DecoderConfig,
     mesh: Mesh | None = None,
     rules: Rules = DEFAULT_RULES,
@@ -116,7 +169,6 @@ def decoder_layer(
     p = {k: v.astype(c.jnp_dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v
          for k, v in params.items()}
     b, _, _ = x.shape
-    heads, kv_heads, d = c.num_heads, c.num_kv_heads, c.head_dim
 
     h = rms_norm(x, p["input_norm"], c.rms_norm_eps)
     h_q, cos_q, sin_q = h, cos, sin
@@ -124,9 +176,9 @@ def decoder_layer(
         take = lambda a: jnp.take_along_axis(  # noqa: E731
             a, query_index.reshape((b, 1) + (1,) * (a.ndim - 2)), axis=1)
         x, h_q, cos_q, sin_q = take(x), take(h), take(cos), take(sin)
-        if mask.shape[3] > 1:  # causal [B, 1, 1, T, T]; bidirectional masks have one row
-            mask = jnp.take_along_axis(mask, query_index[:, None, None, None, None], axis=3)
-    t = x.shape[1]
+        if mask.boolean.shape[3] > 1:  # causal [B, 1, 1, T, T]; bidirectional: one row
+            mask = mask._replace(boolean=jnp.take_along_axis(
+                mask.boolean, query_index[:, None, None, None, None], axis=3))
     q = checkpoint_name(project("q_proj", h_q, p, "bth,hnd->btnd"), "query_proj")
     k = checkpoint_name(project("k_proj", h, p, "bth,hnd->btnd"), "key_proj")
     v = checkpoint_name(project("v_proj", h, p, "bth,hnd->btnd"), "value_proj")
@@ -141,13 +193,8 @@ def decoder_layer(
                   ("activation_batch", "activation_length", "activation_kv_heads", None), mesh,
                   rules)
 
-    group = heads // kv_heads
-    q = q.reshape(b, t, kv_heads, group, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    logits = logits * (d**-0.5)
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    attn = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, heads, d)
+    attn = attention(q, k, v, mask, c.attention == "causal", c.attention_impl,
+                     single_query=query_index is not None)
     out = checkpoint_name(project("o_proj", attn, p, "btnd,ndh->bth"), "out_proj")
     if "o_bias" in p:
         out = out + p["o_bias"]
@@ -186,6 +233,28 @@ def remat_policy(name: str) -> Any:
     return policies[name]
 
 
+def _scan_layers(
+    x: Array, stacked: dict[str, Array], num_layers: int, layer_fn: Callable, last_layer_fn: Callable,
+    index: Array | None,
+) -> Array:
+    """Runs the stacked layers with one ``lax.scan`` over the *whole* stacks, each scanned
+    slice used as it is, so autodiff forwards it as a residual instead of stacking a copy.
+
+    Parameter-sized temporaries found in XLA's buffer assignment: scanning a sliced stack
+    (``a[:L-1]``, for the last-token shortcut) copied every stacked weight, and running the
+    shortcut under ``lax.cond`` inside the scan made the weights cond outputs, which autodiff then
+    stacked as residuals. So under scan the last layer runs in full (``index`` only picks the
+    pooled row; ~1/L more compute); the unrolled path keeps the shortcut.
+    """
+    def body(h: Array, p: dict[str, Array]) -> tuple[Array, None]:
+        return layer_fn(h, p), None
+
+    x, _ = jax.lax.scan(body, x, stacked)
+    if index is None:
+        return x
+    return jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0]
+
+
 def decoder_forward(
     config: DecoderConfig,
     params: Mapping[str, Array],
@@ -208,13 +277,17 @@ def decoder_forward(
     values depends on other positions, so the last layer runs its query side for that one
     position (``decoder_layer(query_index=...)``), saving ~1/L of the forward and backward.
     """
-    c = config
+    c = config.replace(attention_impl=resolve_attention_impl(config.attention_impl, config.dtype))
     attention_mask = attention_mask.astype(jnp.int32)
+    restore = None
+    if c.attention_impl == "cudnn":  # the kernel reads lengths: move real tokens to the front
+        input_ids, attention_mask, restore = to_right_padding(input_ids, attention_mask)
     x = jnp.take(params["embed_tokens"], input_ids, axis=0).astype(c.jnp_dtype)
     x = constrain(x, ("activation_batch", "activation_length", "activation_embed"), mesh, rules)
     positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
     cos, sin = rotary_tables(positions, c)
-    mask = attention_mask_bias(attention_mask, causal=c.attention == "causal")
+    mask = AttentionMask(attention_mask_bias(attention_mask, causal=c.attention == "causal"),
+                         attention_mask.sum(axis=1, dtype=jnp.int32))
     stacked = {k[len(LAYER_PREFIX):]: v for k, v in params.items() if k.startswith(LAYER_PREFIX)}
 
     def layer_fn(h: Array, p: dict[str, Array]) -> Array:
@@ -226,15 +299,27 @@ def decoder_forward(
     if c.remat_policy != "none":
         layer_fn = jax.checkpoint(layer_fn, policy=remat_policy(c.remat_policy))
         last_layer_fn = jax.checkpoint(last_layer_fn, policy=remat_policy(c.remat_policy))
-    full_layers = c.num_layers - 1 if last_token_only else c.num_layers
-    if c.scan_layers and full_layers > 0:
-        body = stacked if full_layers == c.num_layers else jax.tree.map(
-            lambda a: a[:full_layers], stacked)
-        x, _ = jax.lax.scan(lambda h, p: (layer_fn(h, p), None), x, body)
-    elif not c.scan_layers:
+    if c.scan_layers:
+        x = _scan_layers(x, stacked, c.num_layers, layer_fn, last_layer_fn,
+                         last_token_index(attention_mask) if last_token_only else None)
+    else:
+        full_layers = c.num_layers - 1 if last_token_only else c.num_layers
         for i in range(full_layers):
             x = layer_fn(x, jax.tree.map(lambda a, i=i: a[i], stacked))
-    if last_token_only:
-        index = last_token_index(attention_mask)
-        x = last_layer_fn(x, jax.tree.map(lambda a: a[full_layers], stacked), index)[:, 0]
+        if last_token_only:
+            index = last_token_index(attention_mask)
+            x = last_layer_fn(x, jax.tree.map(lambda a: a[full_layers], stacked), index)[:, 0]
+    if restore is not None and not last_token_only:
+        x = jnp.take_along_axis(x, restore[:, :, None], axis=1)
     return rms_norm(x, params["norm"], c.rms_norm_eps)
+
+
+def to_right_padding(input_ids: Array, attention_mask: Array) -> tuple[Array, Array, Array]:
+    """Moves each row's real tokens to the front, in order: ``(ids, mask, restore)`` where
+    ``take_along_axis(h, restore)`` puts per-position outputs back in the input's layout.
+    Positions and the causal order among real tokens are unchanged, so real-token outputs are
+    the same; this is what a kernel reading sequence lengths (cuDNN) needs."""
+    order = jnp.argsort(1 - attention_mask, axis=1, stable=True)
+    restore = jnp.argsort(order, axis=1)
+    return (jnp.take_along_axis(input_ids, order, axis=1),
+            jnp.take_along_axis(attention_mask, order, axis=1), restore)

@@ -45,6 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # compute
     # "auto": the family's own (causal for decoders, bidirectional for BERT); or either name.
     c.model.attention = "auto"
+    # How attention runs: "auto" (cuDNN's fused kernel on GPU in bf16/fp16, else "matmul"),
+    # "matmul" (our batched matmuls), "xla" or "cudnn" (jax.nn.dot_product_attention's).
+    c.model.attention_impl = "auto"
     c.model.scan_layers = True
     c.model.remat_policy = "full"  # none | full | dots | save_projections
     c.model.pooling = "last_token"

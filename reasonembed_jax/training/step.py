@@ -68,6 +68,13 @@ class StepConfig:
         return self.loss == "ri_infonce"
 
     @property
+    def last_token_only(self) -> bool:
+        """Whether the decoder runs its last layer for the pooled token only (the unrolled path;
+        under scan the last layer runs in full, see ``decoder._scan_layers``)."""
+        return (self.pooling == "last_token" and self.model.model_type != "bert"
+                and not self.model.scan_layers)
+
+    @property
     def data_parallel(self) -> int:
         if self.mesh is None:
             return 1

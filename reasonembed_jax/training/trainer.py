@@ -35,6 +35,7 @@ from reasonembed_jax.model.sharding import DEFAULT_RULES, make_mesh, named_shard
 from reasonembed_jax.tiny_model import shrink_hf_config
 from reasonembed_jax.training.checkpoint import Checkpointer, abstract_like
 from reasonembed_jax.training.config import validate_config
+from reasonembed_jax.training.flops import step_flops, step_flops_split  # noqa: F401
 from reasonembed_jax.training.step import (
     SCHEDULES,
     StepConfig,
@@ -78,7 +79,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
         if m.init == "hf":
             raise TrainingError("config.model.shrink only makes sense with model.init='scratch'")
     runtime = dict(param_dtype=m.param_dtype, dtype=m.dtype, scan_layers=m.scan_layers,
-                   remat_policy=m.remat_policy)
+                   remat_policy=m.remat_policy, attention_impl=m.get("attention_impl", "auto"))
     if m.attention != "auto":
         runtime["attention"] = m.attention
     try:
@@ -168,28 +169,6 @@ def to_global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh, fields: tu
 
 def count_params(tree: Any) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
-def step_flops(cfg: ModelConfig, batch: Mapping[str, Any], *, grad_cache: bool,
-               uses_reasoning: bool) -> float:
-    """Model FLOPs of one step: 2 per parameter-token forward (+ attention), x3 with backward,
-    +1 forward for GradCache's first pass; reasoning queries run forward only."""
-    c = cfg
-    per_token = 2 * (c.num_layers * (c.hidden_size * c.head_dim * (c.num_heads + 2 * c.num_kv_heads)
-                                     + c.num_heads * c.head_dim * c.hidden_size
-                                     + c.mlp_matrices * c.hidden_size * c.intermediate_size))
-
-    def tokens(role: str) -> tuple[float, float]:
-        mask = batch[f"{role}_attention_mask"]
-        n, t = mask.shape
-        attn = 2 * 2 * c.num_layers * c.num_heads * c.head_dim * t * n * t  # QK^T and PV
-        return float(n * t * per_token + attn), float(n * t)
-
-    trained = sum(tokens(r)[0] for r in ("query", "passage"))
-    total = trained * (4 if grad_cache else 3)
-    if uses_reasoning:
-        total += tokens("reasoning")[0]
-    return total
 
 
 def peak_flops_per_device(config: ml_collections.ConfigDict) -> float | None:
@@ -526,8 +505,9 @@ class Trainer:
             m = {k: float(to_host(v)) for k, v in metrics.items()}
             m["tokens_per_sec"] = info["tokens"] / max(seconds, 1e-9)
             m["step_seconds"] = seconds
-            if peak:
+            if peak:  # model FLOPs (useful work) and hardware FLOPs (what ran) per peak
                 m["mfu"] = info["flops"] / max(seconds, 1e-9) / (peak * jax.device_count())
+                m["hfu"] = info["hw_flops"] / max(seconds, 1e-9) / (peak * jax.device_count())
             m["domain"] = info["domain"]
             if "ri_uniform" in m:  # solved batches whose RI weights fell back to uniform
                 ri_uniform_steps[0] += int(m["ri_uniform"])
@@ -551,12 +531,15 @@ class Trainer:
                                  {k: v for k, v in shape_key if k.endswith("input_ids")},
                                  {k: round(v, 3) for k, v in mem.items()})
                         compiled_shapes.add(shape_key)
+                    flops = step_flops_split(
+                        self.model_cfg, host_batch, grad_cache=self.step_cfg.grad_cache,
+                        uses_reasoning=self.step_cfg.uses_reasoning, lora=self.lora,
+                        last_token_only=self.step_cfg.last_token_only)
                     info = {
                         "tokens": float(sum(np.asarray(host_batch[f"{r}_attention_mask"]).sum()
                                             for r in self.fields)) * jax.process_count(),
-                        "flops": step_flops(self.model_cfg, host_batch, grad_cache=self.step_cfg.grad_cache,
-                                            uses_reasoning=self.step_cfg.uses_reasoning)
-                        * jax.process_count(),
+                        "flops": flops["model"] * jax.process_count(),
+                        "hw_flops": flops["hardware"] * jax.process_count(),
                         "domain": pipeline.domain_names[int(np.asarray(host_batch["domain_index"]))],
                     }
                     state, metrics = step_fn(state, frozen, batch)
