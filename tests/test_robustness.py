@@ -388,12 +388,25 @@ def test_cli_user_error_is_one_line_and_exit_code_2(module, argv, tmp_path, caps
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": \n')
     argv = [a.format(missing=missing, tmp=tmp_path, bad_jsonl=bad) for a in argv]
-    monkeypatch.setattr(sys, "argv", [f"reasonembed_jax.{module}", *argv])
-    with pytest.raises(SystemExit) as info:
-        runpy.run_module(f"reasonembed_jax.{module}", run_name="__main__", alter_sys=True)
-    err = capsys.readouterr().err
+    if module == "data.tfds_builder":
+        # TFDS registers the builder class by name once per process; another test may already
+        # have built it here, so this CLI runs in a process of its own, as a user runs it.
+        import subprocess
+
+        from test_train_cli import _env
+
+        from train_configs import ROOT
+
+        proc = subprocess.run([sys.executable, "-m", f"reasonembed_jax.{module}", *argv],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT, env=_env(1))
+        code, err = proc.returncode, proc.stderr
+    else:
+        monkeypatch.setattr(sys, "argv", [f"reasonembed_jax.{module}", *argv])
+        with pytest.raises(SystemExit) as info:
+            runpy.run_module(f"reasonembed_jax.{module}", run_name="__main__", alter_sys=True)
+        code, err = info.value.code, capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert info.value.code == 2, err[-2000:]
+    assert code == 2, err[-2000:]
     assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert str(missing) in lines[0] or str(bad) in lines[0]
 
