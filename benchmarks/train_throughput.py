@@ -9,7 +9,7 @@ small hand-written LoRA wrapper for the LoRA row (``peft`` is not a dependency).
 Timing excludes compilation / warm-up; the two implementations alternate step by step (so load
 from other processes hits both alike) and the best of ``--steps`` timed steps is reported.
 Tokens/s counts every position the step processes (padding included, the same for both sides).
-MFU = model FLOPs per step (``trainer.step_flops``: 6 x params x tokens + attention) / step time /
+MFU = model FLOPs per step (``training.flops.step_flops``: 6 x params x tokens + attention) / step time /
 the machine's *measured* fp32 matmul peak (the better of jax and torch on a large square matmul).
 
     python benchmarks/train_throughput.py [--layers 4] [--hidden 512] [--queries 8] [--group 4]
@@ -184,8 +184,8 @@ def jax_step_fn(model_dir: pathlib.Path, batch: dict[str, Any], args: argparse.N
     from reasonembed_jax.hf_io import load_hf_params
     from reasonembed_jax.lora import LoraConfig, init_lora
     from reasonembed_jax.model.config import DecoderConfig
+    from reasonembed_jax.training.flops import step_flops
     from reasonembed_jax.training.step import StepConfig, make_optimizer, make_train_step
-    from reasonembed_jax.training.trainer import step_flops
 
     mcfg = DecoderConfig.from_hf_dir(model_dir, dtype=args.dtype, param_dtype="float32",
                                      remat_policy="none", scan_layers=True)
@@ -307,7 +307,7 @@ def main() -> None:
             diffs.append(abs(loss0[impl] - ref_loss))
             print(f"| {label} | {impl} | {s:.3f} | {tokens / s:,.0f} | {flops / s / 1e9:.1f} | "
                   f"{flops / s / peak:.1%} | {ref_s / s:.2f} | {loss0[impl]:.4f} |")
-    print("model FLOPs/step (trainer.step_flops, the full model for every row, so a row that "
+    print("model FLOPs/step (training.flops.step_flops, the full model for every row, so a row that "
           "skips work shows it as higher MFU; LoRA counts frozen-weight gradients it does not "
           "compute): " + ", ".join(f"{r[0]} {r[2] / 1e9:.1f} GFLOP" for r in rows))
     print(f"max |step-0 loss difference| vs torch: {max(diffs):.2e}")

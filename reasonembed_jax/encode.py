@@ -43,9 +43,9 @@ from reasonembed_jax.text import (
 )
 
 BATCH_AXES = ("data", "fsdp")
+log = logging.getLogger(__name__)
 # Length buckets ~1.5x apart (powers of two and their midpoints): at most ~1.5x padding instead of
 # 2x for powers of two alone, for twice as many (still few) compiled shapes.
-log = logging.getLogger(__name__)
 ENCODE_BUCKETS = tuple(sorted({b for k in range(5, 14) for b in (2**k, 3 * 2**(k - 1))}))
 
 

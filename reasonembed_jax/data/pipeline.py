@@ -437,7 +437,7 @@ class TrainingDataPipeline:
             domain_from_filename=config.domain_from_filename,
             strict=config.strict,
             max_chars=config.max_text_chars,
-            require_reasoning_query=config.use_reasoning_query and falls_back is False,
+            require_reasoning_query=config.use_reasoning_query and not falls_back,
             max_examples=config.max_reported_errors,
         )
         missing = self.index.stats.num_without_reasoning_query

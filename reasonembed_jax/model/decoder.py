@@ -233,10 +233,8 @@ def remat_policy(name: str) -> Any:
     return policies[name]
 
 
-def _scan_layers(
-    x: Array, stacked: dict[str, Array], num_layers: int, layer_fn: Callable, last_layer_fn: Callable,
-    index: Array | None,
-) -> Array:
+def _scan_layers(x: Array, stacked: dict[str, Array], layer_fn: Callable, index: Array | None
+                 ) -> Array:
     """Runs the stacked layers with one ``lax.scan`` over the *whole* stacks, each scanned
     slice used as it is, so autodiff forwards it as a residual instead of stacking a copy.
 
@@ -274,8 +272,9 @@ def decoder_forward(
 
     ``last_token_only=True`` returns ``[B, hidden]``: the final hidden state of each row's last
     real token only (what last-token pooling reads). Nothing after the last layer's keys and
-    values depends on other positions, so the last layer runs its query side for that one
-    position (``decoder_layer(query_index=...)``), saving ~1/L of the forward and backward.
+    values depends on other positions, so with unrolled layers the last layer runs its query side
+    for that one position (``decoder_layer(query_index=...)``), saving ~1/L of the forward and
+    backward; scanned layers run it in full and pick the row (see ``_scan_layers``).
     """
     c = config.replace(attention_impl=resolve_attention_impl(config.attention_impl, config.dtype))
     attention_mask = attention_mask.astype(jnp.int32)
@@ -300,7 +299,7 @@ def decoder_forward(
         layer_fn = jax.checkpoint(layer_fn, policy=remat_policy(c.remat_policy))
         last_layer_fn = jax.checkpoint(last_layer_fn, policy=remat_policy(c.remat_policy))
     if c.scan_layers:
-        x = _scan_layers(x, stacked, c.num_layers, layer_fn, last_layer_fn,
+        x = _scan_layers(x, stacked, layer_fn,
                          last_token_index(attention_mask) if last_token_only else None)
     else:
         full_layers = c.num_layers - 1 if last_token_only else c.num_layers

@@ -35,7 +35,7 @@ from reasonembed_jax.model.sharding import DEFAULT_RULES, make_mesh, named_shard
 from reasonembed_jax.tiny_model import shrink_hf_config
 from reasonembed_jax.training.checkpoint import Checkpointer, abstract_like
 from reasonembed_jax.training.config import validate_config
-from reasonembed_jax.training.flops import step_flops, step_flops_split  # noqa: F401
+from reasonembed_jax.training.flops import step_flops_split
 from reasonembed_jax.training.step import (
     SCHEDULES,
     StepConfig,
