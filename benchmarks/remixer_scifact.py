@@ -83,6 +83,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--constrain-judge", action=argparse.BooleanOptionalAction, default=None,
                    help="force the judge's answer to end in <score>N</score> (default: on for "
                         "cpu, off for gpu)")
+    p.add_argument("--judge-analysis-chars", type=int, default=None, metavar="N",
+                   help="with --constrain-judge: characters of analysis allowed before the score "
+                        "tag (default: twice the judge's token cap; 0 = the score alone, the "
+                        "cheapest judgement on a CPU)")
+    p.add_argument("--query-tokens", type=int, default=None, help="writer's max tokens per query")
+    p.add_argument("--reason-tokens", type=int, default=None,
+                   help="max tokens per reasoning query")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any remixer config override, e.g. annotation.sampling.max_tokens=256")
@@ -105,7 +112,14 @@ def build_config(args: argparse.Namespace) -> dict:
                 "use_chat": False, "max_num_seqs": 32 if args.preset == "cpu" else None}
     constrain = args.constrain_judge if args.constrain_judge is not None else \
         args.preset == "cpu"
-    words = preset["judge_tokens"] * 2  # characters of analysis allowed before the tag
+    words = args.judge_analysis_chars  # characters of analysis allowed before the tag
+    if words is not None and words < 0:
+        raise SystemExit("error: --judge-analysis-chars must be >= 0")
+    judge_tokens = preset["judge_tokens"]
+    if words is None:
+        words = judge_tokens * 2
+    elif constrain:
+        judge_tokens = min(judge_tokens, words // 2 + 16)  # room for the tag after the analysis
     dataset = pathlib.Path(args.dataset_dir)
     return {
         "seed": args.seed,
@@ -116,13 +130,14 @@ def build_config(args: argparse.Namespace) -> dict:
         "models": {"writer": writer, "judge": judge, "embedder": embedder},
         "sources": {"min_chars": 200, "max_chars": 5000,
                     "sample_size": args.sources or preset["sources"]},
-        "queries": {"sampling": {"max_tokens": preset["query_tokens"]}},
+        "queries": {"sampling": {"max_tokens": args.query_tokens or preset["query_tokens"]}},
         "mining": {"top_k": args.top_k or preset["top_k"]},
         "annotation": {"sampling": {
-            "max_tokens": preset["judge_tokens"],
-            "regex": f"[\\s\\S]{{0,{words}}}<score>[1-5]</score>" if constrain else None}},
+            "max_tokens": judge_tokens,
+            "regex": (f"[\\s\\S]{{0,{words}}}<score>[1-5]</score>" if words else
+                      "<score>[1-5]</score>") if constrain else None}},
         "reasoning": {"input": "nv_negatives",
-                      "sampling": {"max_tokens": preset["reason_tokens"]}},
+                      "sampling": {"max_tokens": args.reason_tokens or preset["reason_tokens"]}},
     }
 
 

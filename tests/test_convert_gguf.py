@@ -110,6 +110,44 @@ def test_append_eos_tokenizer(tiny_gguf, tmp_path):
     assert hf_io.read_encoder_settings(out)["append_eos"] is True
 
 
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_causal_lm_folder_equals_transformers_gguf_causal_lm(hf_configs_dir, tmp_path, family,
+                                                             tied):
+    """``--causal-lm`` (the folder vLLM generates with): transformers' GGUF loader as the causal LM
+    is the reference for every tensor (LM head included) and for the logits; our own loader reads
+    the same encoder from either layout."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = _tiny_cfg(hf_configs_dir, family)
+    model = hf_models.build_hf_model(cfg)
+    head = None if tied else np.random.default_rng(0).normal(
+        0, 0.08, (cfg["vocab_size"], cfg["hidden_size"])).astype(np.float32)
+    write_gguf(tmp_path / "m.gguf", model, model.config.to_dict(), qtype="Q8_0", lm_head=head)
+    base = convert(tmp_path / "m.gguf", tmp_path / "hf")
+    out = convert(tmp_path / "m.gguf", tmp_path / "lm", causal_lm=True)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf",
+                                               dtype=torch.float32).eval()
+    ours = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(ours) is type(ref)
+    assert ours.config.architectures == [type(ref).__name__]
+    assert ours.config.tie_word_embeddings is tied
+    assert not (out / "modules.json").exists()  # no embedder settings to cap vLLM's context
+    ref_state, our_state = ref.state_dict(), ours.state_dict()
+    assert set(our_state) == set(ref_state)
+    for name, tensor in ref_state.items():
+        np.testing.assert_array_equal(our_state[name].numpy(), tensor.numpy(), err_msg=name)
+    if head is not None:  # the GGUF's own head, not the embeddings
+        np.testing.assert_allclose(our_state["lm_head.weight"].numpy(), head, atol=3e-3)
+    ids = torch.tensor([[5, 80, 17, 200, 3]])
+    with torch.no_grad():
+        np.testing.assert_allclose(ours(input_ids=ids).logits.numpy(),
+                                   ref(input_ids=ids).logits.numpy(), atol=1e-5)
+    mask = np.ones((1, 5), np.int32)
+    np.testing.assert_array_equal(np.asarray(hf_io.load_encoder(out)(ids.numpy(), mask)),
+                                  np.asarray(hf_io.load_encoder(base)(ids.numpy(), mask)))
+
+
 # --- bad input -----------------------------------------------------------------------------
 
 def _run_cli(*args):
