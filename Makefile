@@ -62,7 +62,7 @@ models-lm: $(VENV)/.installed
 SYNTH_VENV ?= .venv-synth
 REMIXER_WRITER ?= $(MODELS_DIR)/qwen2.5-coder-lm
 REMIXER_JUDGE ?= $(REMIXER_WRITER)
-REMIXER_ARGS ?= --corpus-docs 2000 --sources 96 --top-k 6 --judge-analysis-chars 0 \
+REMIXER_ARGS ?= --corpus-docs 2000 --sources 96 --top-k 3 --judge-analysis-chars 0 \
 	--query-tokens 128 --reason-tokens 160
 bench-remixer: $(VENV)/.installed models-lm
 	@test -f $(REMIXER_WRITER)/config.json || { echo "no HF model at REMIXER_WRITER=$(REMIXER_WRITER)"; exit 2; }

