@@ -35,7 +35,8 @@ Protocol (helpers shared with ``scifact_finetune.py`` in ``finetune_common.py``)
    writes them from SciFact abstracts that are never held-out test gold), once with InfoNCE and
    once with RI-InfoNCE (the records' reasoning queries give the weights), same config, steps and
    batch; one positive and one negative per record and epoch, drawn by the pipeline, and no
-   instruction (as the real pairs and the scored queries). ``--skip-real``/``--skip-ref``/``--skip-zero-shot`` leave rows out.
+   instruction (as the real pairs and the scored queries). ``--skip-real``, ``--skip-ref`` and
+   ``--skip-zero-shot`` leave rows out.
 
 Reported: dev nDCG@10, Recall@100, MRR@10; training wall time (ours includes compilation, data
 loading, checkpoint and export); steady-state step time (median step after the first two).
