@@ -24,7 +24,8 @@ Runs in the synthesis environment (``vllm``, no JAX; ``make bench-remixer`` sets
    ``reasonembed_jax.records`` (``work-dir/reasoning/final.jsonl`` is the training file).
 
 The ``cpu`` preset sizes everything for this 2-core machine (float32, eager mode, small token
-caps); ``gpu`` keeps the same stages at the paper's sizes (10,000 sources, top 100, 2,048 tokens,
+caps, the judge shown the first 700 characters of each candidate: reading prompts dominates a CPU
+engine); ``gpu`` keeps the same stages at the paper's sizes (10,000 sources, top 100, 2,048 tokens,
 bf16, CUDA graphs): only the sizes change. A re-run resumes where the last one stopped (shards).
 
 Report (stdout, ``--out`` JSON, ``--markdown``): per stage items in/out, tokens generated,
@@ -51,12 +52,14 @@ PRESETS = {
     "cpu": {"engine": {"max_model_len": 2048, "gpu_memory_utilization": 0.3,
                        "enforce_eager": True, "dtype": "float32", "max_num_seqs": 64},
             "sources": 64, "top_k": 8, "shard_size": 64,
-            "query_tokens": 160, "judge_tokens": 192, "reason_tokens": 160},
+            "query_tokens": 160, "judge_tokens": 192, "reason_tokens": 160,
+            "judge_doc_chars": 700},
     # One GPU: the paper's sizes.
     "gpu": {"engine": {"max_model_len": 8192, "gpu_memory_utilization": 0.4,
                        "enforce_eager": False, "dtype": "bfloat16"},
             "sources": 10000, "top_k": 100, "shard_size": 1024,
-            "query_tokens": 2048, "judge_tokens": 2048, "reason_tokens": 2048},
+            "query_tokens": 2048, "judge_tokens": 2048, "reason_tokens": 2048,
+            "judge_doc_chars": None},
 }
 STAGE_ORDER = ("sources", "queries", "candidates", "annotations", "split", "nv_negatives",
                "reasoning")
@@ -133,7 +136,7 @@ def build_config(args: argparse.Namespace) -> dict:
         "queries": {"sampling": {"max_tokens": args.query_tokens or preset["query_tokens"]}},
         "mining": {"top_k": args.top_k or preset["top_k"]},
         "annotation": {"sampling": {
-            "max_tokens": judge_tokens,
+            "max_tokens": judge_tokens, "max_document_chars": preset["judge_doc_chars"],
             "regex": (f"[\\s\\S]{{0,{words}}}<score>[1-5]</score>" if words else
                       "<score>[1-5]</score>") if constrain else None}},
         "reasoning": {"input": "nv_negatives",

@@ -120,6 +120,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "model": "judge",
         "sampling": _sampling(0.7, 0.95, 40, 2048),
         "max_attempts": 2,
+        # The judge sees at most this many characters of each candidate (cut at a word boundary,
+        # marked with "..."); None: the whole document. Prompt reading dominates a CPU engine.
+        "max_document_chars": None,
     },
     "split": {"pos_min_score": 3, "neg_min_score": 1, "neg_max_score": 2},
     "reasoning": {
@@ -270,6 +273,10 @@ def validate_config(config: Mapping[str, Any]) -> None:
     split = config["split"]
     if not split["neg_min_score"] <= split["neg_max_score"] < split["pos_min_score"]:
         raise ConfigError("split: need neg_min_score <= neg_max_score < pos_min_score")
+    cut = config["annotation"].get("max_document_chars")
+    if cut is not None and (isinstance(cut, bool) or not isinstance(cut, int) or cut < 1):
+        raise ConfigError(f"annotation.max_document_chars must be a positive integer or null, "
+                          f"got {cut!r}")
     for stage in ("filter", "queries", "annotation", "reasoning"):
         if int(config[stage]["max_attempts"]) < 1:
             raise ConfigError(f"{stage}.max_attempts must be >= 1")

@@ -134,6 +134,16 @@ def relevance_prompt(domain: Domain, query: str, document: str) -> str:
                          query=query, document=document)
 
 
+def clip_text(text: str, max_chars: int | None) -> str:
+    """``text`` cut to at most ``max_chars`` characters at the last word boundary (hard cut when
+    there is none), with ``...`` appended when anything was cut; unchanged for None."""
+    if max_chars is None or len(text) <= max_chars:
+        return text
+    head = text[:max_chars]
+    space = head.rfind(" ")
+    return (head[:space] if space > 0 else head).rstrip() + " ..."
+
+
 def reasoning_prompt(domain: Domain, query: str) -> str:
     kind = domain.query_kind
     return fill_template(load_template("reasoning_query"), query_kind=kind,

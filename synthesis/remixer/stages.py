@@ -630,8 +630,10 @@ def run_annotations(ctx: Context) -> dict[str, Any] | None:
     def process(items: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], Counter]:
         backend = ctx.backends.get(cfg["model"])
         pairs = [(qi, ci) for qi, q in enumerate(items) for ci in range(len(q["candidates"]))]
+        cut = cfg.get("max_document_chars")
         prompts = [P.relevance_prompt(ctx.domain, items[qi]["query"],
-                                      items[qi]["candidates"][ci]["text"]) for qi, ci in pairs]
+                                      P.clip_text(items[qi]["candidates"][ci]["text"], cut))
+                   for qi, ci in pairs]
         scores, _, stats = generate_with_retries(backend, prompts, cfg["sampling"], parse,
                                                  int(cfg["max_attempts"]))
         out = [{**q, "candidates": [dict(c) for c in q["candidates"]]} for q in items]

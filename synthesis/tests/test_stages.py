@@ -462,6 +462,43 @@ def test_answers_cut_at_max_tokens_are_counted_and_thinking_is_off(tmp_path):
                for s in backend.generate_sampling)
 
 
+@pytest.mark.parametrize("cut", [None, 60])
+def test_judge_sees_at_most_max_document_chars_of_each_candidate(tmp_path, cut):
+    make_corpus(tmp_path / "corpus.jsonl")
+    backend = scripted()
+    ctx = make_ctx(tmp_path, backend, ["sources.sample_size=100",
+                                       f"annotation.max_document_chars={json.dumps(cut)}"])
+    for stage in ("sources", "queries", "candidates", "annotations"):
+        S.STAGE_FUNCTIONS[stage](ctx)
+    bodies = [between(p)[1] for b in backend.generate_batches for p in b
+              if "You judge how useful" in p]
+    texts = {c["text"] for q in read_jsonl(ctx.final_path("annotations"))
+             for c in q["candidates"]}  # the records keep every candidate's whole text
+    assert bodies and any(len(t) > 60 for t in texts)
+    if cut is None:
+        assert set(bodies) == texts
+        return
+    for body in bodies:
+        if body in texts:  # a short document goes in whole
+            assert len(body) <= cut
+            continue
+        assert body.endswith(" ...") and len(body) <= cut + len(" ...")
+        kept = body.removesuffix(" ...")
+        sources = [t for t in texts if t.startswith(kept)]
+        assert sources and all(len(t) > cut and t[len(kept)] == " " for t in sources)
+    assert len(set(bodies)) == len(texts)
+
+
+def test_max_document_chars_must_be_a_positive_integer():
+    from remixer.config import ConfigError, load_config
+
+    assert load_config(None, ["annotation.max_document_chars=800"])["annotation"][
+        "max_document_chars"] == 800
+    for bad in ("0", "-3", "1.5", "true", '"800"'):
+        with pytest.raises(ConfigError, match="max_document_chars"):
+            load_config(None, [f"annotation.max_document_chars={bad}"])
+
+
 class CrashingBackend(ScriptedBackend):
     """Dies (like a killed process) on the n-th relevance batch."""
 
