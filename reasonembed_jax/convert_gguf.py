@@ -179,7 +179,6 @@ def hf_config_from_gguf(reader: Any) -> dict[str, Any]:  # noqa: ANN401
 
 def read_params(reader: Any, config: Any) -> dict[str, np.ndarray]:  # noqa: ANN401
     """Every parameter of ``config`` in our layout (stacked per layer), float32, from the file."""
-    import gguf
 
     from reasonembed_jax.model.params import param_specs
 
@@ -212,15 +211,7 @@ def read_params(reader: Any, config: Any) -> dict[str, np.ndarray]:  # noqa: ANN
         if shape != spec.hf_shape:
             raise GGUFConversionError(f"tensor '{t.name}' has shape {list(shape)}, expected "
                                       f"{list(spec.hf_shape)} from the metadata")
-        qtype = gguf.GGMLQuantizationType(t.tensor_type)
-        try:
-            value = gguf.quants.dequantize(t.data, qtype)
-        except NotImplementedError:
-            raise GGUFConversionError(f"tensor '{t.name}' has quantization type {qtype.name}, "
-                                      "which cannot be dequantized") from None
-        if not np.issubdtype(value.dtype, np.floating):  # integer tensors are no weights
-            raise GGUFConversionError(f"tensor '{t.name}' has unsupported type {qtype.name}")
-        value = np.asarray(value, np.float32).reshape(shape)
+        value = dequantize(t)
         kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
         if config.model_type == "llama" and kind in PERMUTED:
             value = unpermute_rows(value, int(hf_cfg[PERMUTED[kind]]))
@@ -307,17 +298,26 @@ def convert(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, append_
 
 def lm_head(reader: Any) -> np.ndarray | None:  # noqa: ANN401
     """The untied output projection ``[vocab, hidden]`` in float32, or None when it is tied."""
-    import gguf
-
     t = next((t for t in reader.tensors if t.name == "output.weight"), None)
     if t is None:
         return None
+    return dequantize(t)
+
+
+def dequantize(t: Any) -> np.ndarray:  # noqa: ANN401 (gguf.ReaderTensor)
+    """A GGUF tensor as float32 in HF's dimension order; a clear error for a type that is no
+    float weight or that the ``gguf`` package cannot dequantize."""
+    import gguf
+
     qtype = gguf.GGMLQuantizationType(t.tensor_type)
     try:
         value = gguf.quants.dequantize(t.data, qtype)
     except NotImplementedError:
-        raise GGUFConversionError(f"tensor 'output.weight' has quantization type {qtype.name}, "
+        raise GGUFConversionError(f"tensor '{t.name}' has quantization type {qtype.name}, "
                                   "which cannot be dequantized") from None
+    if not np.issubdtype(value.dtype, np.floating):  # integer tensors are no weights
+        raise GGUFConversionError(f"tensor '{t.name}' has unsupported type {qtype.name}")
+    # GGUF lists dimensions fastest first
     return np.asarray(value, np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
 
 
