@@ -136,9 +136,10 @@ def build_config(args: argparse.Namespace) -> dict:
         "queries": {"sampling": {"max_tokens": args.query_tokens or preset["query_tokens"]}},
         "mining": {"top_k": args.top_k or preset["top_k"]},
         "annotation": {"sampling": {
-            "max_tokens": judge_tokens, "max_document_chars": preset["judge_doc_chars"],
+            "max_tokens": judge_tokens,
             "regex": (f"[\\s\\S]{{0,{words}}}<score>[1-5]</score>" if words else
-                      "<score>[1-5]</score>") if constrain else None}},
+                      "<score>[1-5]</score>") if constrain else None},
+            "max_document_chars": preset["judge_doc_chars"]},
         "reasoning": {"input": "nv_negatives",
                       "sampling": {"max_tokens": args.reason_tokens or preset["reason_tokens"]}},
     }
