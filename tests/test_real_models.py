@@ -3,9 +3,10 @@ Qwen2.5-Coder-0.5B-Instruct (qwen2, when `make models` fetched it), GGUF files f
 
 The reference is HF transformers loading the GGUF file directly (its own dequantization and
 q/k un-permutation); ours is our loader on the folder ``convert_gguf`` wrote. fp32 hidden states
-within 5e-4 of each token's largest value and pooled embeddings within 1e-4, on left-padded
-uneven batches, with and without EOS appended; bf16 cosines are reported (``pytest -s`` prints them;
-``REASONEMBED_PARITY_OUT`` also appends them to a JSON-lines file).
+within 5e-4 of each token's largest value (their median over tokens within 4e-6) and pooled
+embeddings within 1e-4, on left-padded uneven batches, with and without EOS appended; bf16 cosines
+are reported (``pytest -s`` prints them; ``REASONEMBED_PARITY_OUT`` also appends them to a
+JSON-lines file).
 """
 
 import copy
@@ -90,12 +91,20 @@ def test_hidden_states_and_embeddings_match_hf(real, append_eos):
     ours = np.asarray(hf_io.load_encoder(hf_dir)(ids, mask))
     diff = float(np.abs(ours - hf)[real_tokens].max())
     # Real LLMs carry massive residual activations (SmolLM2: ~2.4e4 inside the stack, |h| up to
-    # ~43 after the final norm), where one fp32 ulp is ~2e-3, and fp32 itself is that far off:
-    # against float64 PyTorch, PyTorch fp32 is off by up to 9.4e-4 on SmolLM2's EOS token and ours
-    # by 2.3e-3. So hidden states are bounded relative to each token's largest value (5e-4; the
-    # measured worst is 1.3e-4) and the pooled unit embeddings absolutely (1e-4).
-    rel = float((np.abs(ours - hf).max(-1) / np.abs(hf).max(-1))[real_tokens].max())
+    # ~43 after the final norm; one fp32 ulp there is ~2e-3). On SmolLM2's appended EOS token the
+    # last layers cancel most of it, so that token's fp32 error is a lottery over rounding order:
+    # against a genuinely float64 reference it ranges 6e-5..2.3e-3 for ours and 1.3e-4..9.8e-4 for
+    # PyTorch fp32 depending only on batch padding and scan vs unrolled layers. The max is therefore
+    # bounded loosely, relative to each token's largest value (5e-4; measured worst 1.3e-4), and
+    # the typical token tightly through the median (4e-6; measured 1.3e-6 on both models, 7.5e-7
+    # with YNNPACK dots off; a 0.1% rope_theta error gives 2e-5 here and passes the max bound).
+    # Ours is ~2x PyTorch's fp32 error vs float64 on typical tokens because jax 0.10's XLA:CPU
+    # runs fp32 dots through YNNPACK, ~2x less accurate than PyTorch's or XLA's own dot
+    # (benchmarks/cpu_dot_accuracy.py; README, real-model parity). Pooled unit embeddings: 1e-4.
+    rel_tokens = (np.abs(ours - hf).max(-1) / np.abs(hf).max(-1))[real_tokens]
+    rel, rel_median = float(rel_tokens.max()), float(np.median(rel_tokens))
     assert rel <= 5e-4, (diff, rel)
+    assert rel_median <= 4e-6, (diff, rel_median)
     hf_emb = _unit(hf[np.arange(len(ids)), -1])  # left padding: the last column is the last token
     our_emb = np.asarray(pool(ours, mask, "last_token"))
     emb_diff = float(np.abs(our_emb - hf_emb).max())
@@ -111,7 +120,7 @@ def test_hidden_states_and_embeddings_match_hf(real, append_eos):
     cos_hf = float((hf_bf16_emb * hf_emb).sum(-1).min())
     cos_between = float((ours_bf16_emb * hf_bf16_emb).sum(-1).min())
     figures = {"model": name, "append_eos": append_eos, "fp32_max_abs_hidden_diff": diff,
-               "fp32_max_rel_hidden_diff": rel,
+               "fp32_max_rel_hidden_diff": rel, "fp32_median_rel_hidden_diff": rel_median,
                "fp32_max_abs_embedding_diff": emb_diff, "hidden_abs_max": float(np.abs(hf).max()),
                "bf16_min_cos_ours_vs_hf_fp32": cos_ours, "bf16_min_cos_hf_vs_hf_fp32": cos_hf,
                "bf16_min_cos_ours_vs_hf_bf16": cos_between}
