@@ -7,6 +7,7 @@ the ``fsdp`` axis) for the largest domain shape (leetcode: G=2, 512 queries per 
 and reports the per-device peak. N doubles from 8 until the plan fits ``--budget-gib``.
 
     python benchmarks/memory_plan.py [--budget-gib 80] [--max-devices 64] [--models qwen3_8b,...]
+                                     [--rows lora,lora+gradcache,full,full+gradcache]
     python benchmarks/memory_plan.py --one-device   # the GPU suite's part 3 on one device
 
 ``--one-device`` plans ``benchmarks/gpu_suite.py`` part 3 instead: Qwen3-8B, LoRA r=32,
@@ -99,6 +100,8 @@ def main() -> None:
     parser.add_argument("--budget-gib", type=float, default=80.0, help="per-device memory")
     parser.add_argument("--max-devices", type=int, default=64)
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--rows", default="lora,lora+gradcache,full,full+gradcache",
+                        help="which tunings to plan per model")
     parser.add_argument("--one-device", action="store_true",
                         help="plan the GPU suite's part 3 on one device instead of the table")
     parser.add_argument("--chunk", type=int, default=8, help="GradCache rows per chunk "
@@ -116,6 +119,8 @@ def main() -> None:
         folder = MODELS[key]
         for tuning in ("lora", "full"):
             for grad_cache in (False, True):
+                if tuning + ("+gradcache" if grad_cache else "") not in args.rows.split(","):
+                    continue
                 variants = ",".join(v for v in ("full" if tuning == "full" else "",
                                                 "gradcache" if grad_cache else "") if v)
                 start = time.perf_counter()
