@@ -211,15 +211,17 @@ def widened_parameter_bytes(hlo_text: str) -> int:
 def memory_report(compiled: Any) -> dict[str, float]:
     """Per-device memory of a compiled step in GiB (arguments, outputs, temporaries, peak), and
     ``cpu_widened_gib``: the part of the temporaries that is XLA:CPU's float32 copies of 16-bit
-    weights (``widened_parameter_bytes``; 0 elsewhere), with ``peak_less_widened_gib``, the peak
-    without them (what a compiler with native bf16 would need, as far as the CPU plan tells)."""
+    weights (``widened_parameter_bytes``, counted on the CPU backend only: elsewhere such a
+    convert would be real memory), with ``peak_less_widened_gib``, the peak without them (what a
+    compiler with native bf16 would need, as far as the CPU plan tells)."""
     m = compiled.memory_analysis()
     if m is None:
         return {}
     gib = 2.0**30
     args, out = m.argument_size_in_bytes / gib, m.output_size_in_bytes / gib
     temp, alias = m.temp_size_in_bytes / gib, m.alias_size_in_bytes / gib
-    widened = widened_parameter_bytes(compiled.as_text()) / gib
+    widened = (widened_parameter_bytes(compiled.as_text()) / gib
+               if jax.default_backend() == "cpu" else 0.0)
     peak = args + out + temp - alias
     return {"arguments_gib": args, "outputs_gib": out, "temp_gib": temp, "alias_gib": alias,
             "peak_gib": peak, "cpu_widened_gib": widened, "peak_less_widened_gib": peak - widened}
