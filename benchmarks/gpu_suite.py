@@ -315,8 +315,10 @@ def recipe(args, tmp):
     if peak:
         row("3 recipe 8B", "MFU / HFU", flops["model"] / sec / peak,
             f"HFU {flops['hardware'] / sec / peak:.3f} on {kind} (aim MFU >= 0.40)")
+    widened = mem.get("cpu_widened_gib", 0.0)  # XLA:CPU's float32 weight copies; 0 on a GPU
     row("3 recipe 8B", "compiled plan GiB (args + temp)", mem.get("peak_gib", float("nan")),
-        f"args {mem.get('arguments_gib', 0):.2f} + temp {mem.get('temp_gib', 0):.2f}")
+        f"args {mem.get('arguments_gib', 0):.2f} + temp {mem.get('temp_gib', 0):.2f}"
+        + (f", of which CPU-only f32 weight copies {widened:.2f}" if widened else ""))
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         row("3 recipe 8B", "measured peak GiB", stats["peak_bytes_in_use"] / 2**30, kind)

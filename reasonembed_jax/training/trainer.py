@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -181,16 +182,49 @@ def peak_flops_per_device(config: ml_collections.ConfigDict) -> float | None:
     return None
 
 
+def widened_parameter_bytes(hlo_text: str) -> int:
+    """Bytes of float32 copies of whole 16-bit step arguments in an optimised HLO module's entry
+    computation: a ``convert`` (bare, or the only instruction of a loop fusion) of a bf16/f16
+    entry parameter to float32 of the same shape.
+
+    XLA:CPU computes bf16 in float32: it widens the operands of every bf16 op, and when the
+    operand is a loop-invariant stack of frozen layer weights, loop-invariant code motion hoists
+    the widening out of the layer/GradCache loops, i.e. a float32 copy of the frozen base that
+    lives through the whole step. GPU and TPU compilers read bf16 directly and make no such
+    copy. Returns 0 for modules without them (float32 steps, other backends)."""
+    entry = hlo_text[hlo_text.find("\nENTRY "):]
+    header = entry[:entry.find(" -> ")]
+    params = {name: dims for name, dims in re.findall(
+        r"([\w.\-]+): (?:bf16|f16)\[([\d,]*)\]", header)}
+    pure_converts = set(re.findall(
+        r"\n%([\w.\-]+) \(\S+: (?:bf16|f16)\[[\d,]*\]\) -> f32\[[\d,]*\] \{\n\s*%\S+ = "
+        r"\S+ parameter\(0\)[^\n]*\n\s*ROOT %\S+ = f32\S+ convert\(", hlo_text))
+    total = 0
+    for dims, op, operand, calls in re.findall(
+            r"\n\s*%\S+ = f32\[([\d,]*)\]\{[\d,]*\} (convert|fusion)\(%([\w.\-]+)\)"
+            r"(?:, kind=kLoop, calls=%([\w.\-]+))?", entry):
+        if params.get(operand) == dims and (op == "convert" or calls in pure_converts):
+            total += 4 * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
 def memory_report(compiled: Any) -> dict[str, float]:
-    """Per-device memory of a compiled step in GiB (arguments, outputs, temporaries, peak)."""
+    """Per-device memory of a compiled step in GiB (arguments, outputs, temporaries, peak), and
+    ``cpu_widened_gib``: the part of the temporaries that is XLA:CPU's float32 copies of 16-bit
+    weights (``widened_parameter_bytes``, counted on the CPU backend only: elsewhere such a
+    convert would be real memory), with ``peak_less_widened_gib``, the peak without them (what a
+    compiler with native bf16 would need, as far as the CPU plan tells)."""
     m = compiled.memory_analysis()
     if m is None:
         return {}
     gib = 2.0**30
     args, out = m.argument_size_in_bytes / gib, m.output_size_in_bytes / gib
     temp, alias = m.temp_size_in_bytes / gib, m.alias_size_in_bytes / gib
+    widened = (widened_parameter_bytes(compiled.as_text()) / gib
+               if jax.default_backend() == "cpu" else 0.0)
+    peak = args + out + temp - alias
     return {"arguments_gib": args, "outputs_gib": out, "temp_gib": temp, "alias_gib": alias,
-            "peak_gib": args + out + temp - alias}
+            "peak_gib": peak, "cpu_widened_gib": widened, "peak_less_widened_gib": peak - widened}
 
 
 class MetricsWriter:
@@ -411,9 +445,17 @@ class Trainer:
                     step_fn.lower(state, frozen, batch).compile())
             report[name] = by_shape[group, per_device]
             r = report[name]
+            widened = r.get("cpu_widened_gib", 0.0)
+            extra = (f"; CPU-only float32 copies of 16-bit weights {widened:.2f}, peak without "
+                     f"them {r['peak_less_widened_gib']:.2f}") if widened else ""
             print(f"  domain {name:<22} G={group:<3} batch/device={per_device:<3} "
                   f"peak {r.get('peak_gib', float('nan')):7.2f} GiB/device (args "
-                  f"{r.get('arguments_gib', 0):.2f}, temp {r.get('temp_gib', 0):.2f})", flush=True)
+                  f"{r.get('arguments_gib', 0):.2f}, temp {r.get('temp_gib', 0):.2f}{extra})",
+                  flush=True)
+        if any(r.get("cpu_widened_gib") for r in report.values()):
+            print("  (XLA:CPU computes bf16 in float32 and hoists float32 copies of the frozen "
+                  "weights out of the layer loops; GPU/TPU compilers read bf16 directly. See "
+                  "README, memory plans.)", flush=True)
         return report
 
     def _initial_state_abstract(self, optimizer: Any) -> tuple[dict, dict]:
