@@ -40,12 +40,9 @@ Protocol (helpers shared with ``scifact_finetune.py`` in ``finetune_common.py``)
 
 Reported: dev nDCG@10, Recall@100, MRR@10; training wall time (ours includes compilation, data
 loading, checkpoint and export); steady-state step time (median step after the first two).
-Default settings are sized to finish within ~60 minutes on a quiet 2-core CPU. That is an
-estimate, not a measurement: SmolLM2 LoRA training runs at ~74 tokens/s there and a forward pass
-at roughly 3x that, so 40 steps x 8 queries x (query + 2 passages) x 64 tokens is ~14 min per
-trainer and embedding 800 documents + the dev queries ~4 min per system, ~45 min in all with
-loading and compilation. Reduced from the full task: 64 tokens (SciFact abstracts are longer),
-800 of 5,183 documents, 320 of the 809 training queries, 40 steps.
+Default settings: 73 minutes on this 2-core CPU at load 4-7 (2026-11-30; README); reduced from
+the full task: 64 tokens (SciFact abstracts are longer), 800 of 5,183 documents, 320 of the 809
+training queries, 40 steps. At the default lr 1e-4 neither system learned in 40 steps (README).
 """
 
 from __future__ import annotations
