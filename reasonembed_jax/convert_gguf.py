@@ -336,38 +336,35 @@ def to_causal_lm(reader: Any, hf: dict[str, Any], model_dir: str) -> None:  # no
         elif os.path.exists(path):
             os.remove(path)
     files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
-    head = lm_head(reader)
+    head = lm_head(reader)  # float32, as the export (convert() writes float32)
     weight_map: dict[str, str] = {}
     for i, name in enumerate(files):
         path = os.path.join(model_dir, name)
         st = SafetensorsFile(path)
         tensors = {f"model.{k}": st.get(k) for k in st.keys()}
         if head is not None and i == len(files) - 1:
-            tensors["lm_head.weight"] = head.astype(tensors[next(iter(tensors))].dtype)
+            tensors["lm_head.weight"] = head
         del st
         save_file(tensors, path, {"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
-    index = os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            data = json.load(f)
-        data["weight_map"] = weight_map
-        with open(index, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-    config_path = os.path.join(model_dir, "config.json")
-    with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
     family = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[hf["model_type"]]
-    config["architectures"] = [f"{family}ForCausalLM"]
-    with open(config_path, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
-    tok_path = os.path.join(model_dir, "tokenizer_config.json")  # the LM's context, not 512
-    with open(tok_path, encoding="utf-8") as f:
-        tok = json.load(f)
-    tok["model_max_length"] = int(hf["max_position_embeddings"])
-    with open(tok_path, "w", encoding="utf-8") as f:
-        json.dump(tok, f, indent=2)
+    index = os.path.join(model_dir, "model.safetensors.index.json")  # sharded exports only
+    if os.path.exists(index):
+        _update_json(index, weight_map=weight_map)
+    _update_json(os.path.join(model_dir, "config.json"),
+                 architectures=[f"{family}ForCausalLM"])
+    _update_json(os.path.join(model_dir, "tokenizer_config.json"),  # the LM's context, not 512
+                 model_max_length=int(hf["max_position_embeddings"]))
     write_content_hash(model_dir)
+
+
+def _update_json(path: str, **changes: Any) -> None:  # noqa: ANN401
+    """Sets top-level keys of a JSON file in place."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    data.update(changes)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
