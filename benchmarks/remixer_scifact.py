@@ -14,13 +14,14 @@ Runs in the synthesis environment (``vllm``, no JAX; ``make bench-remixer`` sets
 2. queries: one research question/claim per source from the writer (length and education level
    drawn per source);
 3. candidates: the embedder (a vLLM pooling model; all-MiniLM-L6-v2 with mean pooling by
-   default) ranks the whole corpus for each query, ``--top-k`` kept, the source and every copy of
-   its text excluded;
+   default) ranks the whole corpus for each query, the source and every copy of its text
+   excluded; the best ``--top-k`` are judged, ranks up to ``--pool-k`` kept unjudged for step 5;
 4. annotations: the judge scores each (query, candidate) 1-5 in ``<score>..</score>``; with
    ``--constrain-judge`` (default on for the CPU preset: a 135M model rarely closes the tag by
    itself) vLLM's structured outputs force the answer to end in a score tag;
 5. split (score >= 3 positive, 1-2 negative), NV-Retriever negatives (TopK-PercPos over the
-   embedder's scores), reasoning queries from the judge, records validated by
+   embedder's scores of the judged non-positives and the unjudged pool; with a pool a query
+   needs only a judged positive, since these negatives replace the judged ones), reasoning queries from the judge, records validated by
    ``reasonembed_jax.records`` (``work-dir/reasoning/final.jsonl`` is the training file).
 
 The ``cpu`` preset sizes everything for this 2-core machine (float32, eager mode, small token
@@ -51,13 +52,13 @@ PRESETS = {
     # 2-core CPU: small token caps, eager mode, float32 (vLLM's CPU backend).
     "cpu": {"engine": {"max_model_len": 2048, "gpu_memory_utilization": 0.3,
                        "enforce_eager": True, "dtype": "float32", "max_num_seqs": 64},
-            "sources": 64, "top_k": 8, "shard_size": 64,
+            "sources": 64, "top_k": 8, "pool_k": 30, "shard_size": 64,
             "query_tokens": 160, "judge_tokens": 192, "reason_tokens": 160,
             "judge_doc_chars": 700},
     # One GPU: the paper's sizes.
     "gpu": {"engine": {"max_model_len": 8192, "gpu_memory_utilization": 0.4,
                        "enforce_eager": False, "dtype": "bfloat16"},
-            "sources": 10000, "top_k": 100, "shard_size": 1024,
+            "sources": 10000, "top_k": 100, "pool_k": None, "shard_size": 1024,
             "query_tokens": 2048, "judge_tokens": 2048, "reason_tokens": 2048,
             "judge_doc_chars": None},
 }
@@ -83,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--sources", type=int, default=None, help="source documents (preset default)")
     p.add_argument("--top-k", type=int, default=None, help="candidates per query")
+    p.add_argument("--pool-k", type=int, default=None, metavar="N",
+                   help="teacher ranks kept unjudged for NV-Retriever negatives (preset default: "
+                        "cpu 30, gpu none: the 100 judged candidates suffice); 0: none")
     p.add_argument("--constrain-judge", action=argparse.BooleanOptionalAction, default=None,
                    help="force the judge's answer to end in <score>N</score> (default: on for "
                         "cpu, off for gpu)")
@@ -124,6 +128,10 @@ def build_config(args: argparse.Namespace) -> dict:
     elif constrain:
         judge_tokens = min(judge_tokens, words // 2 + 16)  # room for the tag after the analysis
     dataset = pathlib.Path(args.dataset_dir)
+    top_k = args.top_k or preset["top_k"]
+    pool_k = preset["pool_k"] if args.pool_k is None else (args.pool_k or None)
+    if pool_k is not None and pool_k < top_k:
+        raise SystemExit(f"error: --pool-k ({pool_k}) must be >= --top-k ({top_k}), or 0")
     return {
         "seed": args.seed,
         "shard_size": preset["shard_size"],
@@ -134,7 +142,10 @@ def build_config(args: argparse.Namespace) -> dict:
         "sources": {"min_chars": 200, "max_chars": 5000,
                     "sample_size": args.sources or preset["sources"]},
         "queries": {"sampling": {"max_tokens": args.query_tokens or preset["query_tokens"]}},
-        "mining": {"top_k": args.top_k or preset["top_k"]},
+        "mining": {"top_k": top_k, "pool_k": pool_k},
+        # judged negatives are replaced by NV-Retriever's: a query needs only a judged positive
+        # when a deeper teacher pool supplies its negatives
+        "split": {"require_judged_negative": pool_k is None},
         "annotation": {"sampling": {
             "max_tokens": judge_tokens,
             "regex": (f"[\\s\\S]{{0,{words}}}<score>[1-5]</score>" if words else

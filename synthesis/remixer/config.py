@@ -110,6 +110,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "mining": {
         "model": "embedder",
         "top_k": 100,
+        # The teacher also keeps its ranks top_k+1 .. pool_k (unjudged, in "pool") for the
+        # NV-Retriever negatives; None: no pool. A CPU run judges a short list (top_k of a few),
+        # so its negatives come from this deeper ranking, guarded by the positive-aware filter.
+        "pool_k": None,
         # Candidates scoring below this are not retrieved (then the list is padded at random).
         "min_score": None,
         "pad_random": True,
@@ -124,7 +128,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
         # marked with "..."); None: the whole document. Prompt reading dominates a CPU engine.
         "max_document_chars": None,
     },
-    "split": {"pos_min_score": 3, "neg_min_score": 1, "neg_max_score": 2},
+    # require_judged_negative: drop a query whose judged candidates hold no negative (the
+    # method's rule, the judged negatives being the training negatives). With NV-Retriever
+    # negatives replacing them, false keeps such queries (they still need a positive).
+    "split": {"pos_min_score": 3, "neg_min_score": 1, "neg_max_score": 2,
+              "require_judged_negative": True},
     "reasoning": {
         "model": "judge",
         "sampling": _sampling(0.7, 0.95, 40, 2048),
@@ -273,6 +281,18 @@ def validate_config(config: Mapping[str, Any]) -> None:
     split = config["split"]
     if not split["neg_min_score"] <= split["neg_max_score"] < split["pos_min_score"]:
         raise ConfigError("split: need neg_min_score <= neg_max_score < pos_min_score")
+    if not isinstance(split["require_judged_negative"], bool):
+        raise ConfigError("split.require_judged_negative must be true or false")
+    if not split["require_judged_negative"] and config["reasoning"]["input"] != "nv_negatives":
+        raise ConfigError("split.require_judged_negative=false keeps records without judged "
+                          "negatives: it needs reasoning.input=nv_negatives to supply them")
+    top_k, pool_k = config["mining"]["top_k"], config["mining"].get("pool_k")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ConfigError(f"mining.top_k must be an integer >= 1, got {top_k!r}")
+    if pool_k is not None and (isinstance(pool_k, bool) or not isinstance(pool_k, int)
+                               or pool_k < top_k):
+        raise ConfigError(f"mining.pool_k must be null or an integer >= mining.top_k "
+                          f"({top_k}), got {pool_k!r}")
     cut = config["annotation"].get("max_document_chars")
     if cut is not None and (isinstance(cut, bool) or not isinstance(cut, int) or cut < 1):
         raise ConfigError(f"annotation.max_document_chars must be a positive integer or null, "

@@ -554,6 +554,7 @@ def run_candidates(ctx: Context) -> dict[str, Any] | None:
         by_text.setdefault(P.normalize_for_dedup(d["text"]), []).append(i)
     state: dict[str, Any] = {}
     top_k = int(cfg["top_k"])
+    keep = max(top_k, int(cfg.get("pool_k") or 0))  # the judged list, then the unjudged pool
 
     def process(items: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], Counter]:
         stats: Counter = Counter()
@@ -595,16 +596,22 @@ def run_candidates(ctx: Context) -> dict[str, Any] | None:
             exclude = sorted(exclude)
             rng = np.random.default_rng(
                 int(fingerprint([ctx.config["seed"], "pad", q["id"]]), 16) % 2**63)
-            picked = top_k_candidates(scores[row], exclude, usable, top_k, cfg["min_score"],
+            ranked = top_k_candidates(scores[row], exclude, usable, keep, cfg["min_score"],
                                       bool(cfg["pad_random"]), rng)
+            listed = [{"doc_id": docs[i]["id"], "text": docs[i]["text"], "score": round(s, 6),
+                       "rank": r, "padded": padded}
+                      for r, (i, s, padded) in enumerate(ranked)]
+            # the judged list is the best top_k (padding, if any, comes after every real hit)
+            picked, pool = listed[:top_k], listed[top_k:]
             stats["candidates"] += len(picked)
-            stats["candidates_padded"] += sum(p for _, _, p in picked)
+            stats["candidates_padded"] += sum(c["padded"] for c in picked)
             if len(picked) < top_k:
                 stats["short_candidate_lists"] += 1
-            out.append({**q, "candidates": [
-                {"doc_id": docs[i]["id"], "text": docs[i]["text"], "score": round(s, 6),
-                 "rank": r, "padded": padded}
-                for r, (i, s, padded) in enumerate(picked)]})
+            record = {**q, "candidates": picked}
+            if keep > top_k:
+                record["pool"] = pool
+                stats["pool_documents"] += len(pool)
+            out.append(record)
         return out, stats
 
     return _run_sharded("candidates", ctx, queries, process,
@@ -694,8 +701,10 @@ def training_record(ctx: Context, q: Mapping[str, Any], pos: Sequence[Mapping[st
 
 
 def run_split(ctx: Context) -> dict[str, Any]:
-    """Stage 5: ``pos`` (score >= 3) and ``neg`` (1-2); queries without both are dropped."""
+    """Stage 5: ``pos`` (score >= 3) and ``neg`` (1-2); queries without both are dropped (without
+    a positive only, when ``require_judged_negative`` is off: NV-Retriever supplies negatives)."""
     cfg = ctx.config["split"]
+    require_neg = bool(cfg.get("require_judged_negative", True))
     start = time.perf_counter()
     annotated = ctx.read_final("annotations")
     stats: Counter = Counter(items_in=len(annotated))
@@ -707,9 +716,11 @@ def run_split(ctx: Context) -> dict[str, Any]:
             stats["dropped_no_pos_no_neg"] += 1
         elif not pos:
             stats["dropped_no_pos"] += 1
-        elif not neg:
+        elif not neg and require_neg:
             stats["dropped_no_neg"] += 1
         else:
+            if not neg:
+                stats["kept_without_judged_negative"] += 1
             out.append(training_record(ctx, q, pos, neg, [c["label"] for c in pos],
                                        [c["label"] for c in neg]))
             stats["pos_total"] += len(pos)
@@ -756,9 +767,10 @@ def positive_aware_negatives(candidates: Sequence[tuple[str, float]], positive_s
 
 
 def run_nv_negatives(ctx: Context) -> dict[str, Any]:
-    """Alternative negatives: teacher (mining embedder) scores, positives removed, NV-Retriever
-    filter. Positives stay the annotator's; ``pos_scores``/``neg_scores`` become teacher
-    cosines (annotator labels kept in ``pos_labels``)."""
+    """Alternative negatives: teacher (mining embedder) scores over the judged candidates and
+    the unjudged ``pool`` (``mining.pool_k``), positives removed, NV-Retriever filter. Positives
+    stay the annotator's; ``pos_scores``/``neg_scores`` become teacher cosines (annotator labels
+    kept in ``pos_labels``); ``neg_unjudged`` counts negatives no judge has read."""
     cfg = ctx.config["nv_negatives"]
     start = time.perf_counter()
     split = ctx.read_final("split")
@@ -778,8 +790,16 @@ def run_nv_negatives(ctx: Context) -> dict[str, Any]:
             raise StageError(f"record {rec['id']!r}: {len(missing)} positive(s) are not among "
                              "its mined candidates, so they have no teacher score")
         pos_scores = [score_of[k][1] for k in map(P.normalize_for_dedup, rec["pos"])]
-        pool = [(c["text"], c["score"]) for c in cands["candidates"]
-                if P.normalize_for_dedup(c["text"]) not in pos_keys]
+        for c in cands.get("pool", ()):
+            score_of.setdefault(P.normalize_for_dedup(c["text"]), (c["doc_id"], c["score"]))
+        judged = {P.normalize_for_dedup(c["text"]) for c in cands["candidates"]}
+        # judged non-positives and the teacher's unjudged deeper ranks, each text once
+        pool, seen = [], set(pos_keys)
+        for c in [*cands["candidates"], *cands.get("pool", ())]:
+            key = P.normalize_for_dedup(c["text"])
+            if key not in seen:
+                seen.add(key)
+                pool.append((c["text"], c["score"]))
         rng = np.random.default_rng(int(fingerprint([ctx.config["seed"], "nv", rec["id"]]), 16)
                                     % 2**63)
         negs = positive_aware_negatives(pool, pos_scores, cfg["method"], float(cfg["perc"]),
@@ -799,6 +819,7 @@ def run_nv_negatives(ctx: Context) -> dict[str, Any]:
         new["neg_ids"] = [score_of[P.normalize_for_dedup(t)][0] for t, _ in negs]
         out.append(new)
         stats["neg_total"] += len(negs)
+        stats["neg_unjudged"] += sum(P.normalize_for_dedup(t) not in judged for t, _ in negs)
     stats["items_out"] = len(out)
     stats["elapsed_s"] = time.perf_counter() - start
     atomic_write_jsonl(ctx.final_path("nv_negatives"), out)

@@ -56,6 +56,20 @@ def test_options_reach_the_stages(bench, tmp_path):
         _load(bench, tmp_path, "--judge-analysis-chars", "-1")
 
 
+def test_pool_option_sets_the_split_rule(bench, tmp_path):
+    cpu = _load(bench, tmp_path, "--preset", "cpu", "--top-k", "3")
+    assert cpu["mining"]["pool_k"] == bench.PRESETS["cpu"]["pool_k"] > 3
+    assert cpu["split"]["require_judged_negative"] is False
+    assert cpu["reasoning"]["input"] == "nv_negatives"
+    gpu = _load(bench, tmp_path, "--preset", "gpu")
+    assert gpu["mining"]["pool_k"] is None and gpu["split"]["require_judged_negative"] is True
+    off = _load(bench, tmp_path, "--pool-k", "0")
+    assert off["mining"]["pool_k"] is None and off["split"]["require_judged_negative"] is True
+    assert _load(bench, tmp_path, "--top-k", "4", "--pool-k", "9")["mining"]["pool_k"] == 9
+    with pytest.raises(SystemExit):
+        _load(bench, tmp_path, "--top-k", "8", "--pool-k", "5")
+
+
 def test_a_misplaced_key_is_refused(tmp_path):
     """What the loader guards against: a stage key put into the sampling block."""
     path = tmp_path / "bad.json"

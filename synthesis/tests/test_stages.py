@@ -403,6 +403,70 @@ def test_pipeline_annotation_split_reasoning_and_schema(tmp_path):
         assert max(rec["neg_scores"]) < 0.95 * min(rec["pos_scores"])
 
 
+def test_unjudged_pool_supplies_negatives_when_the_judge_finds_none(tmp_path):
+    """A lenient judge (every candidate a positive) leaves no judged negative: by the method's
+    split rule every query is dropped. With ``mining.pool_k`` the teacher's ranks past the judged
+    top_k (checked against a brute-force ranking) supply NV-Retriever negatives below 0.95 x the
+    lowest positive's score, and the judged lists stay what they were."""
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        make_corpus(tmp_path / sub / "corpus.jsonl")
+
+    def lenient(backend_responder):
+        backend_responder.score_for = lambda query, doc: "<score>4</score>"
+        return backend_responder
+
+    strict_ctx = run_all(tmp_path / "a", scripted(lenient(Responder())))
+    split = json.loads((strict_ctx.stage_dir("split") / "summary.json").read_text())
+    assert split["items_out"] == 0 and split["dropped_no_neg"] == split["items_in"] > 0
+
+    ctx = run_all(tmp_path / "b", scripted(lenient(Responder())),
+                  ["mining.pool_k=12", "split.require_judged_negative=false",
+                   "reasoning.input=nv_negatives"])
+    corpus = S.load_corpus(tmp_path / "b" / "corpus.jsonl")
+    emb = bag_of_words_embed([d["text"] for d in corpus])
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    text_of = {d["id"]: d["text"] for d in corpus}
+    judged_before = {q["id"]: [c["doc_id"] for c in q["candidates"]]
+                     for q in read_jsonl(strict_ctx.final_path("candidates"))}
+    mined = {q["id"]: q for q in read_jsonl(ctx.final_path("candidates"))}
+    for qid, q in mined.items():
+        assert [c["doc_id"] for c in q["candidates"]] == judged_before[qid]
+        qv = bag_of_words_embed([f"Instruct: {ctx.domain.instruction}\nQuery: {q['query']}"])[0]
+        scores = emb @ (qv / np.linalg.norm(qv))
+        allowed = [i for i, d in enumerate(corpus) if d["id"] != q["source_id"]]
+        ref = sorted(allowed, key=lambda i: -scores[i])[5:12]
+        np.testing.assert_allclose([c["score"] for c in q["pool"]], scores[ref], atol=1e-5)
+        assert [c["rank"] for c in q["pool"]] == list(range(5, 12))
+        assert q["source_id"] not in {c["doc_id"] for c in q["pool"]}
+    records = list(read_jsonl(ctx.final_path("nv_negatives")))
+    nv = json.loads((ctx.stage_dir("nv_negatives") / "summary.json").read_text())
+    assert records and nv["neg_unjudged"] == sum(len(r["neg"]) for r in records)
+    for rec in records:
+        q = mined[rec["id"]]
+        pool_ids = {c["doc_id"] for c in q["pool"]}
+        assert set(rec["neg_ids"]) <= pool_ids  # every judged candidate is a positive here
+        assert [text_of[i] for i in rec["neg_ids"]] == rec["neg"]
+        assert max(rec["neg_scores"]) < 0.95 * min(rec["pos_scores"])
+        assert len(rec["neg"]) <= 4 and not set(rec["neg"]) & set(rec["pos"])
+    split = json.loads((ctx.stage_dir("split") / "summary.json").read_text())
+    assert split["kept_without_judged_negative"] == split["items_out"] == len(mined)
+    final = ctx.final_path("reasoning").read_text().splitlines()
+    assert len(final) == len(records)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["split.require_judged_negative=false"], "reasoning.input=nv_negatives"),
+    (["mining.pool_k=3"], "mining.pool_k"),
+    (["mining.top_k=0"], "mining.top_k"),
+])
+def test_pool_and_split_settings_are_checked(tmp_path, overrides, message):
+    from remixer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["mining.top_k=5", *overrides])
+
+
 def test_reasoning_modes_and_missing_reasoning(tmp_path):
     make_corpus(tmp_path / "corpus.jsonl")
 
