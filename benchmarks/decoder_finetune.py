@@ -35,8 +35,9 @@ Protocol (helpers shared with ``scifact_finetune.py`` in ``finetune_common.py``)
    writes them from SciFact abstracts that are never held-out test gold), once with InfoNCE and
    once with RI-InfoNCE (the records' reasoning queries give the weights), same config, steps and
    batch; one positive and one negative per record and epoch, drawn by the pipeline, and no
-   instruction (as the real pairs and the scored queries). ``--skip-real``, ``--skip-ref`` and
-   ``--skip-zero-shot`` leave rows out.
+   instruction (as the real pairs and the scored queries). Records written from the gold
+   document of a scored (dev) query are dropped first: ReMixer only keeps *test* gold out.
+   ``--skip-real``, ``--skip-ref`` and ``--skip-zero-shot`` leave rows out.
 
 Reported: dev nDCG@10, Recall@100, MRR@10; training wall time (ours includes compilation, data
 loading, checkpoint and export); steady-state step time (median step after the first two).
@@ -198,6 +199,27 @@ def synthetic_domains(path: str) -> set[str]:
                 for i, line in enumerate(f, 1) if line.strip()}
 
 
+def without_scored_sources(path: str, scored_qrels: dict, workdir: str) -> str:
+    """The no-leakage rule for the scored split: ReMixer keeps held-out *test* gold out of its
+    sources, but the dev split here is carved from the training qrels, so a record written from
+    a dev query's gold document is dropped (counted) before training. Returns the file trained
+    on (``path`` itself when nothing is dropped)."""
+    gold = {d for rels in scored_qrels.values() for d in rels}
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("source_id") not in gold]
+    print(f"synthetic records: {len(lines)}; dropped {len(lines) - len(kept)} written from the "
+          f"gold document of a scored query; training on {len(kept)}", flush=True)
+    if len(kept) == len(lines):
+        return path
+    if not kept:
+        sys.exit(f"{path}: every record was written from a scored query's gold document")
+    out = os.path.join(workdir, "synthetic_records.jsonl")
+    with open(out, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -269,8 +291,9 @@ def main(argv=None) -> int:
         domains = synthetic_domains(args.synthetic)
         if len(domains) != 1:
             sys.exit(f"{args.synthetic}: expected records of one domain, found {sorted(domains)}")
+        synthetic = without_scored_sources(args.synthetic, dev_qrels, root)
         for loss, name in (("infonce", "ours, synthetic"), ("ri_infonce", "ours, synthetic, RI")):
-            train_and_score(name, args.synthetic, loss=loss, domain=next(iter(domains)))
+            train_and_score(name, synthetic, loss=loss, domain=next(iter(domains)))
 
     if not args.skip_ref:
         model, seconds, step_s = run_reference(model_dir, triples, os.path.join(root, "ref"),

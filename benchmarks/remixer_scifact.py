@@ -21,8 +21,9 @@ Runs in the synthesis environment (``vllm``, no JAX; ``make bench-remixer`` sets
    itself) vLLM's structured outputs force the answer to end in a score tag;
 5. split (score >= 3 positive, 1-2 negative), NV-Retriever negatives (TopK-PercPos over the
    embedder's scores of the judged non-positives and the unjudged pool; with a pool a query
-   needs only a judged positive, since these negatives replace the judged ones), reasoning queries from the judge, records validated by
-   ``reasonembed_jax.records`` (``work-dir/reasoning/final.jsonl`` is the training file).
+   needs only a judged positive, since these negatives replace the judged ones), reasoning
+   queries from the judge, records validated by ``reasonembed_jax.records``
+   (``work-dir/reasoning/final.jsonl`` is the training file).
 
 The ``cpu`` preset sizes everything for this 2-core machine (float32, eager mode, small token
 caps, the judge shown the first 700 characters of each candidate: reading prompts dominates a CPU

@@ -6,15 +6,21 @@ in-batch + hard negatives at ``tau = 0.02``, global-norm clipping at 1.0 and Ada
 is HF transformers ``Qwen3Model`` + the same loss in torch + ``torch.optim.AdamW`` (foreach), with a
 small hand-written LoRA wrapper for the LoRA row (``peft`` is not a dependency).
 
-Timing excludes compilation / warm-up; the two implementations alternate step by step (so load
-from other processes hits both alike) and the best of ``--steps`` timed steps is reported.
+``--hf-dir`` trains a real converted decoder folder instead (e.g. ``.cache/models/smollm2-hf``:
+``decoder_finetune.py``'s shape is ``--hf-dir ... --group 2 --passage-len 64 --lora-rank 32``);
+both sides then load the same weights (torch through ``AutoModel``).
+
+Timing excludes compilation / warm-up; the implementations alternate step by step (A B A B, so
+load from other processes hits both alike); the table gives the median of ``--steps`` timed
+steps with their min-max, and the load average and core count are printed beside it (a warning
+when the machine is busy: figures from a loaded machine have misled this project before).
 Tokens/s counts every position the step processes (padding included, the same for both sides).
 MFU = model FLOPs per step (``training.flops.step_flops``: 6 x params x tokens + attention) / step time /
 the machine's *measured* fp32 matmul peak (the better of jax and torch on a large square matmul).
 
     python benchmarks/train_throughput.py [--layers 4] [--hidden 512] [--queries 8] [--group 4]
         [--query-len 64] [--passage-len 128] [--steps 3] [--lora-rank 16] [--no-lora]
-        [--dtype float32|bfloat16]
+        [--dtype float32|bfloat16] [--hf-dir CONVERTED_DECODER_DIR]
 """
 
 from __future__ import annotations
@@ -242,11 +248,24 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--peak-size", type=int, default=2048, help="matmul size for the peak")
+    parser.add_argument("--hf-dir", default=None,
+                        help="a converted HF decoder folder (llama/qwen2/qwen3) to train instead of "
+                             "the random Qwen3 (--hidden/--layers/--vocab then ignored)")
     args = parser.parse_args()
+    if args.hf_dir:
+        args.vocab = json.loads((pathlib.Path(args.hf_dir) / "config.json").read_text())[
+            "vocab_size"]
+
+    import statistics
 
     import numpy as np
     import torch
-    from transformers import Qwen3Config, Qwen3Model
+    from transformers import AutoModel, Qwen3Config, Qwen3Model
+
+    load_before = os.getloadavg()
+    if load_before[0] > 0.5 * (os.cpu_count() or 1):
+        print(f"WARNING: load average {load_before[0]:.1f} on {os.cpu_count()} cores before the "
+              "run: the machine is busy, the figures below are not quiet-machine figures")
 
     torch_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     cfg = json.loads((SHARED / "hf_configs" / "Qwen3-0.6B" / "config.json").read_text())
@@ -262,13 +281,18 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = pathlib.Path(tmp) / "model"
-        torch.manual_seed(0)
-        Qwen3Model(Qwen3Config(**cfg)).save_pretrained(model_dir)
+        if args.hf_dir:
+            model_dir = pathlib.Path(args.hf_dir)
+            model_cls = AutoModel
+        else:
+            model_dir = pathlib.Path(tmp) / "model"
+            torch.manual_seed(0)
+            Qwen3Model(Qwen3Config(**cfg)).save_pretrained(model_dir)
+            model_cls = Qwen3Model
         variants = [("full", None)] + ([] if args.no_lora else [("LoRA", args.lora_rank)])
         for name, rank in variants:
-            ref = Qwen3Model.from_pretrained(model_dir, dtype=torch.float32,
-                                             attn_implementation="sdpa").train()
+            ref = model_cls.from_pretrained(model_dir, dtype=torch.float32,
+                                            attn_implementation="sdpa").train()
             ref.config.use_cache = False
             torch.manual_seed(1)
             params = (torch_lora(ref, rank, 2.0 * rank) if rank is not None
@@ -286,26 +310,33 @@ def main() -> None:
                     start = time.perf_counter()
                     f()
                     times[k].append(time.perf_counter() - start)
-            rows.append((name, rank, flops, {k: min(v) for k, v in times.items()}, loss0))
+            rows.append((name, rank, flops, times, loss0))
             del ref, params, impls
 
-    print(f"\ntrain-step throughput: Qwen3 hidden {args.hidden}, {args.layers} layers, vocab "
+    model_name = (f"{model_dir.name} ({args.hf_dir})" if args.hf_dir else
+                  f"Qwen3 hidden {args.hidden}, {args.layers} layers")
+    print(f"\ntrain-step throughput: {model_name}, vocab "
           f"{args.vocab}, {args.queries} queries x {args.query_len} tok + {args.queries} x "
           f"{args.group} passages x {args.passage_len} tok = {tokens} positions ({real} real), "
-          f"InfoNCE tau {args.temperature}, AdamW, {args.dtype}, best of {args.steps}, "
-          f"torch threads {torch.get_num_threads()}")
+          f"InfoNCE tau {args.temperature}, AdamW, {args.dtype}, median (min-max) of "
+          f"{args.steps} interleaved steps, torch threads {torch.get_num_threads()}")
+    load_after = os.getloadavg()
+    print(f"machine: {os.cpu_count()} cores; load average before {load_before[0]:.2f}, after "
+          f"{load_after[0]:.2f} (1 min)")
     print(f"measured fp32 matmul peak ({args.peak_size}^3): jax {peak_j:.1f} GFLOP/s, torch "
           f"{peak_t:.1f} GFLOP/s -> MFU denominator {peak / 1e9:.1f} GFLOP/s")
-    print("| training | implementation | step (s) | tokens/s | model GFLOP/s | MFU | ratio | "
-          "step-0 loss |")
+    print("| training | implementation | step (s), median (min-max) | tokens/s | model GFLOP/s | "
+          "MFU | ratio | step-0 loss |")
     print("|---|---|---|---|---|---|---|---|")
     diffs = []
-    for name, rank, flops, best, loss0 in rows:
+    for name, rank, flops, times, loss0 in rows:
         label = name if rank is None else f"{name} r={rank}"
-        ref_s, ref_loss = next(iter(best.values())), next(iter(loss0.values()))
-        for impl, s in best.items():
+        median = {k: statistics.median(v) for k, v in times.items()}
+        ref_s, ref_loss = next(iter(median.values())), next(iter(loss0.values()))
+        for impl, s in median.items():
             diffs.append(abs(loss0[impl] - ref_loss))
-            print(f"| {label} | {impl} | {s:.3f} | {tokens / s:,.0f} | {flops / s / 1e9:.1f} | "
+            print(f"| {label} | {impl} | {s:.3f} ({min(times[impl]):.3f}-{max(times[impl]):.3f})"
+                  f" | {tokens / s:,.0f} | {flops / s / 1e9:.1f} | "
                   f"{flops / s / peak:.1%} | {ref_s / s:.2f} | {loss0[impl]:.4f} |")
     print("model FLOPs/step (training.flops.step_flops, the full model for every row, so a row that "
           "skips work shows it as higher MFU; LoRA counts frozen-weight gradients it does not "
