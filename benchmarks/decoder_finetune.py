@@ -204,12 +204,17 @@ def without_scored_sources(path: str, scored_qrels: dict, workdir: str) -> str:
     sources, but the dev split here is carved from the training qrels, so a record written from
     a dev query's gold document is dropped (counted) before training. Returns the file trained
     on (``path`` itself when nothing is dropped)."""
-    gold = {d for rels in scored_qrels.values() for d in rels}
+    gold = {str(d) for rels in scored_qrels.values() for d in rels}
     with open(path, encoding="utf-8") as f:
         lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("source_id") not in gold]
+    sources = [json.loads(line).get("source_id") for line in lines]
+    kept = [line for line, src in zip(lines, sources, strict=True)
+            if src is None or str(src) not in gold]
+    unknown = sum(src is None for src in sources)
     print(f"synthetic records: {len(lines)}; dropped {len(lines) - len(kept)} written from the "
-          f"gold document of a scored query; training on {len(kept)}", flush=True)
+          f"gold document of a scored query; training on {len(kept)}"
+          + (f" ({unknown} carry no source_id, so they could not be checked)" if unknown else ""),
+          flush=True)
     if len(kept) == len(lines):
         return path
     if not kept:

@@ -16,6 +16,8 @@ field          type                      meaning
 ``train_group_size`` int >= 1, optional  passages per query (1 positive + G-1 negatives)
 ``batch_size`` int >= 1, optional        per-device queries for this domain
 ``id``         str or int, optional      stable record id
+``source_id``  str or int, optional      corpus document the query was written from
+                                         (synthesis provenance: no-leakage checks read it)
 ============== ========================= ==================================================
 
 This module is pure standard library so the synthesis stage can import it without JAX.
@@ -38,6 +40,7 @@ OPTIONAL_FIELDS = (
     "train_group_size",
     "batch_size",
     "id",
+    "source_id",
 )
 ALL_FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS
 
@@ -68,6 +71,7 @@ class TrainingRecord:
     train_group_size: int | None = None
     batch_size: int | None = None
     id: str | int | None = None
+    source_id: str | int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON-ready dict, optional fields left out when unset."""
@@ -163,9 +167,12 @@ def validate_record(
     batch = obj.get("batch_size")
     if batch is not None:
         batch = _check_positive_int(batch, "batch_size")
-    rid = obj.get("id")
-    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, str | int)):
-        raise RecordError(f"field 'id' must be a string or integer, got {type(rid).__name__}")
+    rid, source_id = obj.get("id"), obj.get("source_id")
+    for name, value in (("id", rid), ("source_id", source_id)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, str | int)):
+            raise RecordError(
+                f"field '{name}' must be a string or integer, got {type(value).__name__}"
+            )
     return TrainingRecord(
         prompt=prompt,
         query=query,
@@ -178,6 +185,7 @@ def validate_record(
         train_group_size=group,
         batch_size=batch,
         id=rid,
+        source_id=source_id,
     )
 
 

@@ -47,6 +47,8 @@ CASES = [
     ("not an object", "[1, 2, 3]", "wrong_type", "record must be a JSON object, got list", {}),
     ("scores do not match texts", bad_json(neg_scores=[0.1]), "length_mismatch",
      "field 'neg_scores' has 1 entries but its texts have 2", {}),
+    ("non-scalar source id", bad_json(source_id=["d1"]), "wrong_type",
+     "field 'source_id' must be a string or integer, got list", {}),
 ]
 
 

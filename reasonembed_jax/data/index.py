@@ -130,7 +130,7 @@ class InputStats:
                 self._duplicate_example(f"{where}: id {record.id!r} also at {seen_ids[key]}")
             else:
                 seen_ids[key] = where
-        content = {k: v for k, v in record.to_json().items() if k != "id"}
+        content = {k: v for k, v in record.to_json().items() if k not in ("id", "source_id")}
         digest = hashlib.blake2b(json.dumps(content, sort_keys=True).encode(),
                                  digest_size=16).digest()
         if digest in seen_content:

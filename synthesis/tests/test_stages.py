@@ -395,6 +395,9 @@ def test_pipeline_annotation_split_reasoning_and_schema(tmp_path):
             rec.reasoning_query
         assert rec.prompt == ctx.domain.instruction and rec.domain == "biology"
         assert rec.train_group_size == 16 and rec.batch_size == 8
+        # provenance survives into the training file: the source the query was written from
+        source = next(q for q in read_jsonl(ctx.final_path("queries")) if q["id"] == rec.id)
+        assert rec.source_id == source["source_id"] and rec.source_id not in rec.pos
     assert summaries["reasoning"]["records_final"] == len(lines)
     # NV negatives: annotator positives, teacher-filtered negatives
     nv = list(read_jsonl(ctx.final_path("nv_negatives")))
