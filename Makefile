@@ -75,7 +75,7 @@ bench-remixer: $(VENV)/.installed models-lm
 	    $(REMIXER_ARGS)
 
 # SmolLM2-135M-Instruct turned into an embedder on SciFact: zero-shot vs ours vs sentence-transformers
-# + PEFT LoRA (73 min on the 2 cores at load 4-7; the README's run).
+# + PEFT LoRA (81 min on the 2 cores at load 2-5; the README's run).
 bench-decoder: $(VENV)/.installed models-smollm2
 	$(PY) -m pip install -q -e ".[test,bench]"
 	HF_HUB_OFFLINE=1 REASONEMBED_SHARED_DATA=$(SHARED) REASONEMBED_MODELS=$(MODELS_DIR) \

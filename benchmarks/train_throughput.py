@@ -179,10 +179,11 @@ def step_uses_last_token_forward() -> bool:
 
 
 def jax_step_fn(model_dir: pathlib.Path, batch: dict[str, Any], args: argparse.Namespace,
-                lora_rank: int | None, last_token: bool = False
+                lora_rank: int | None, last_token: bool = False, scan_layers: bool = True
                 ) -> tuple[Callable[[], float], float]:
     """Our jitted, donated ``make_train_step`` on a one-device mesh; returns (step, flops).
-    ``last_token`` swaps in ``last_token_embed_fn`` while the step is traced."""
+    ``last_token`` swaps in ``last_token_embed_fn`` while the step is traced; ``scan_layers``
+    False unrolls the layer loop (an ablation row)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -194,7 +195,7 @@ def jax_step_fn(model_dir: pathlib.Path, batch: dict[str, Any], args: argparse.N
     from reasonembed_jax.training.step import StepConfig, make_optimizer, make_train_step
 
     mcfg = DecoderConfig.from_hf_dir(model_dir, dtype=args.dtype, param_dtype="float32",
-                                     remat_policy="none", scan_layers=True)
+                                     remat_policy="none", scan_layers=scan_layers)
     base = load_hf_params(model_dir, mcfg)
     lora = None
     if lora_rank is not None:
@@ -248,6 +249,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--peak-size", type=int, default=2048, help="matmul size for the peak")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also time our step with the layer loop unrolled (scan_layers=False)")
     parser.add_argument("--hf-dir", default=None,
                         help="a converted HF decoder folder (llama/qwen2/qwen3) to train instead of "
                              "the random Qwen3 (--hidden/--layers/--vocab then ignored)")
@@ -300,6 +303,9 @@ def main() -> None:
             impls = {f"HF transformers + torch {torch.__version__}":
                      torch_step_fn(ref, params, batch, args, torch_dtype)}
             impls["reasonembed-jax train_step"], flops = jax_step_fn(model_dir, batch, args, rank)
+            if args.ablation:
+                impls["reasonembed-jax train_step, layers unrolled"], _ = jax_step_fn(
+                    model_dir, batch, args, rank, scan_layers=False)
             if not step_uses_last_token_forward():
                 impls["reasonembed-jax train_step, last-token-only forward (proposed)"], _ = (
                     jax_step_fn(model_dir, batch, args, rank, last_token=True))

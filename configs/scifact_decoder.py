@@ -5,7 +5,7 @@
 
 LoRA r=32 / alpha 64 on the seven projections (no LoRA dropout), last-token pooling with EOS
 (``<|endoftext|>``) appended, InfoNCE with in-batch and one mined hard negative per query,
-temperature 0.05, AdamW lr 1e-4 with 10% linear warm-up then linear decay, clipping at 1.0,
+temperature 0.05, AdamW lr 5e-4 with 10% linear warm-up then linear decay, clipping at 1.0,
 float32 throughout (CPU). Rows are padded to the maximum length so one compiled step serves the
 whole run.
 """
@@ -33,12 +33,12 @@ def get_config(arg: str | None = None):
     c.lora.dropout = 0.0
     c.loss.kind = "infonce"  # SciFact has no reasoning queries for RI-InfoNCE yet
     c.loss.temperature = 0.05
-    c.optim.learning_rate = 1e-4
+    c.optim.learning_rate = 5e-4
     c.optim.weight_decay = 0.0
     c.optim.warmup_ratio = 0.1
     c.optim.decay = "linear"
     c.mesh.data = 1
-    c.train.num_steps = 40
+    c.train.num_steps = 80
     c.train.log_every = 5
     c.train.checkpoint_every = 1000
     c.train.keep_checkpoints = 1

@@ -445,10 +445,13 @@ def test_duplicate_ids_and_identical_records_are_warned_and_counted(tmp_path, ca
     from reasonembed_jax.data.index import index_records
     from reasonembed_jax.data.sources import open_source
 
-    def rec(rid, query):
-        return {"id": rid, "prompt": "p", "query": query, "pos": ["a"], "neg": ["b", "c"]}
+    def rec(rid, query, source=None):
+        out = {"id": rid, "prompt": "p", "query": query, "pos": ["a"], "neg": ["b", "c"]}
+        return out if source is None else {**out, "source_id": source}
 
-    rows = [rec("r1", "q1"), rec("r1", "q2"), rec("r3", "q1"), rec("r4", "q4"), rec("r4", "q4")]
+    # line 3 differs from line 1 only in id and provenance (source_id): the same training content
+    rows = [rec("r1", "q1"), rec("r1", "q2"), rec("r3", "q1", "d9"), rec("r4", "q4"),
+            rec("r4", "q4")]
     path = tmp_path / "dom.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with caplog.at_level("WARNING"):
