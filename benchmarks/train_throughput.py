@@ -19,8 +19,8 @@ MFU = model FLOPs per step (``training.flops.step_flops``: 6 x params x tokens +
 the machine's *measured* fp32 matmul peak (the better of jax and torch on a large square matmul).
 
     python benchmarks/train_throughput.py [--layers 4] [--hidden 512] [--queries 8] [--group 4]
-        [--query-len 64] [--passage-len 128] [--steps 3] [--lora-rank 16] [--no-lora]
-        [--dtype float32|bfloat16] [--hf-dir CONVERTED_DECODER_DIR]
+        [--query-len 64] [--passage-len 128] [--steps 3] [--lora-rank 16] [--no-lora] [--no-full]
+        [--dtype float32|bfloat16] [--hf-dir CONVERTED_DECODER_DIR] [--ablation]
 """
 
 from __future__ import annotations
@@ -243,6 +243,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row (best kept)")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--no-lora", action="store_true", help="skip the LoRA rows")
+    parser.add_argument("--no-full", action="store_true", help="skip the full fine-tuning rows")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="compute dtype (params and optimizer stay float32; torch autocast)")
     parser.add_argument("--temperature", type=float, default=0.02)
@@ -292,7 +293,10 @@ def main() -> None:
             torch.manual_seed(0)
             Qwen3Model(Qwen3Config(**cfg)).save_pretrained(model_dir)
             model_cls = Qwen3Model
-        variants = [("full", None)] + ([] if args.no_lora else [("LoRA", args.lora_rank)])
+        variants = ([] if args.no_full else [("full", None)]) + (
+            [] if args.no_lora else [("LoRA", args.lora_rank)])
+        if not variants:
+            parser.error("--no-full and --no-lora leave nothing to time")
         for name, rank in variants:
             ref = model_cls.from_pretrained(model_dir, dtype=torch.float32,
                                             attn_implementation="sdpa").train()
