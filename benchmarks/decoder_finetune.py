@@ -33,8 +33,9 @@ Protocol (helpers shared with ``scifact_finetune.py`` in ``finetune_common.py``)
 
 6. ``--synthetic``: ours again, trained only on ReMixer's records (``benchmarks/remixer_scifact.py``
    writes them from SciFact abstracts that are never held-out test gold), once with InfoNCE and
-   once with RI-InfoNCE (the records' reasoning queries give the weights), same config, steps and
-   batch; one positive and one negative per record and epoch, drawn by the pipeline, and no
+   once with RI-InfoNCE (the records' reasoning queries give the weights; the plain mean for the
+   first ``--ri-warmup-steps``, by default the method's 100 capped at half the run), same
+   config, steps and batch; one positive and one negative per record and epoch, drawn by the pipeline, and no
    instruction (as the real pairs and the scored queries). Records written from the gold
    document of a scored (dev) query are dropped first: ReMixer only keeps *test* gold out.
    ``--skip-real``, ``--skip-ref`` and ``--skip-zero-shot`` leave rows out.
@@ -96,13 +97,29 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also train ours on these records (ReMixer's final.jsonl: "
                         "benchmarks/remixer_scifact.py) with InfoNCE and with RI-InfoNCE, same "
                         "steps and settings, scored on the same split")
+    p.add_argument("--synthetic-loss", choices=("both", "infonce", "ri_infonce"), default="both",
+                   help="which synthetic-data rows to train (default both)")
+    p.add_argument("--ri-warmup-steps", type=int, default=None, metavar="N",
+                   help="RI-InfoNCE uses the plain mean for the first N steps (default: the "
+                        "method's 100, capped at half of --steps)")
     p.add_argument("--workdir", default=None, help="keep runs here (default: a temp folder)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.ri_warmup_steps is not None and args.ri_warmup_steps < 0:
+        p.error("--ri-warmup-steps must be >= 0")
+    return args
 
 
 def steady(seconds: list[float]) -> float | None:
     return statistics.median(seconds[2:]) if len(seconds) > 2 else None
+
+
+def ri_warmup_steps(args) -> int:  # noqa: ANN001
+    """RI-InfoNCE's plain-mean warm-up: ``--ri-warmup-steps``, else the method's 100 steps capped
+    at half the run (a run shorter than 100 steps would otherwise never weight a sample)."""
+    if args.ri_warmup_steps is not None:
+        return args.ri_warmup_steps
+    return min(100, args.steps // 2)
 
 
 def run_ours(c, model_dir: str, records_path: str, workdir: str, args, loss: str = "infonce",
@@ -124,6 +141,7 @@ def run_ours(c, model_dir: str, records_path: str, workdir: str, args, loss: str
     c.data.query_max_length = c.data.passage_max_length = args.max_length
     c.loss.temperature = args.temperature
     c.optim.learning_rate = args.lr
+    c.loss.ri_warmup_steps = ri_warmup_steps(args)
     c.train.num_steps = args.steps
     c.train.progress_bar = False
     c.export.max_length = args.max_length
@@ -299,7 +317,8 @@ def main(argv=None) -> int:
             sys.exit(f"{args.synthetic}: expected records of one domain, found {sorted(domains)}")
         synthetic = without_scored_sources(args.synthetic, dev_qrels, root)
         for loss, name in (("infonce", "ours, synthetic"), ("ri_infonce", "ours, synthetic, RI")):
-            train_and_score(name, synthetic, loss=loss, domain=next(iter(domains)))
+            if args.synthetic_loss in ("both", loss):
+                train_and_score(name, synthetic, loss=loss, domain=next(iter(domains)))
 
     if not args.skip_ref:
         model, seconds, step_s = run_reference(model_dir, triples, os.path.join(root, "ref"),

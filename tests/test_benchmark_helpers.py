@@ -34,3 +34,10 @@ def test_synthetic_records_written_from_scored_gold_are_dropped(tmp_path):
     assert kept == [records[0], records[2], records[4]]  # the kept lines are unchanged
     # nothing to drop: the original file is trained on as it is
     assert bench.without_scored_sources(str(path), {"dev": {"d7": 1}}, str(tmp_path)) == str(path)
+
+
+def test_ri_warmup_is_the_methods_100_steps_capped_at_half_the_run():
+    bench = _decoder_finetune()
+    assert bench.ri_warmup_steps(bench.parse_args(["--steps", "80"])) == 40
+    assert bench.ri_warmup_steps(bench.parse_args(["--steps", "1000"])) == 100
+    assert bench.ri_warmup_steps(bench.parse_args(["--steps", "80", "--ri-warmup-steps", "0"])) == 0
