@@ -286,7 +286,7 @@ def validate_config(config: Mapping[str, Any]) -> None:
     if not split["require_judged_negative"] and config["reasoning"]["input"] != "nv_negatives":
         raise ConfigError("split.require_judged_negative=false keeps records without judged "
                           "negatives: it needs reasoning.input=nv_negatives to supply them")
-    top_k, pool_k = config["mining"]["top_k"], config["mining"].get("pool_k")
+    top_k, pool_k = config["mining"]["top_k"], config["mining"]["pool_k"]
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ConfigError(f"mining.top_k must be an integer >= 1, got {top_k!r}")
     if pool_k is not None and (isinstance(pool_k, bool) or not isinstance(pool_k, int)

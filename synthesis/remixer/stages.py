@@ -554,7 +554,7 @@ def run_candidates(ctx: Context) -> dict[str, Any] | None:
         by_text.setdefault(P.normalize_for_dedup(d["text"]), []).append(i)
     state: dict[str, Any] = {}
     top_k = int(cfg["top_k"])
-    keep = max(top_k, int(cfg.get("pool_k") or 0))  # the judged list, then the unjudged pool
+    keep = max(top_k, int(cfg["pool_k"] or 0))  # the judged list, then the unjudged pool
 
     def process(items: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], Counter]:
         stats: Counter = Counter()
@@ -704,7 +704,7 @@ def run_split(ctx: Context) -> dict[str, Any]:
     """Stage 5: ``pos`` (score >= 3) and ``neg`` (1-2); queries without both are dropped (without
     a positive only, when ``require_judged_negative`` is off: NV-Retriever supplies negatives)."""
     cfg = ctx.config["split"]
-    require_neg = bool(cfg.get("require_judged_negative", True))
+    require_neg = bool(cfg["require_judged_negative"])
     start = time.perf_counter()
     annotated = ctx.read_final("annotations")
     stats: Counter = Counter(items_in=len(annotated))
@@ -781,25 +781,23 @@ def run_nv_negatives(ctx: Context) -> dict[str, Any]:
         cands = mined.get(rec["id"])
         if cands is None:
             raise StageError(f"record {rec['id']!r} has no mined candidates")
-        score_of = {}
-        for c in cands["candidates"]:
-            score_of.setdefault(P.normalize_for_dedup(c["text"]), (c["doc_id"], c["score"]))
-        pos_keys = {P.normalize_for_dedup(t) for t in rec["pos"]}
-        missing = pos_keys - score_of.keys()
+        # normalised text -> (doc_id, teacher score, text, judged): the judged candidates, then
+        # the unjudged pool; a text seen twice keeps its first (best-ranked) entry
+        teacher: dict[str, tuple[str, float, str, bool]] = {}
+        judged_count = len(cands["candidates"])
+        for i, c in enumerate([*cands["candidates"], *cands.get("pool", ())]):
+            teacher.setdefault(P.normalize_for_dedup(c["text"]),
+                               (c["doc_id"], c["score"], c["text"], i < judged_count))
+        pos_keys = [P.normalize_for_dedup(t) for t in rec["pos"]]
+        missing = {k for k in pos_keys if k not in teacher or not teacher[k][3]}
         if missing:
             raise StageError(f"record {rec['id']!r}: {len(missing)} positive(s) are not among "
                              "its mined candidates, so they have no teacher score")
-        pos_scores = [score_of[k][1] for k in map(P.normalize_for_dedup, rec["pos"])]
-        for c in cands.get("pool", ()):
-            score_of.setdefault(P.normalize_for_dedup(c["text"]), (c["doc_id"], c["score"]))
-        judged = {P.normalize_for_dedup(c["text"]) for c in cands["candidates"]}
+        pos_scores = [teacher[k][1] for k in pos_keys]
         # judged non-positives and the teacher's unjudged deeper ranks, each text once
-        pool, seen = [], set(pos_keys)
-        for c in [*cands["candidates"], *cands.get("pool", ())]:
-            key = P.normalize_for_dedup(c["text"])
-            if key not in seen:
-                seen.add(key)
-                pool.append((c["text"], c["score"]))
+        positives = set(pos_keys)
+        entry_of = {e[2]: e for k, e in teacher.items() if k not in positives}
+        pool = [(text, e[1]) for text, e in entry_of.items()]
         rng = np.random.default_rng(int(fingerprint([ctx.config["seed"], "nv", rec["id"]]), 16)
                                     % 2**63)
         negs = positive_aware_negatives(pool, pos_scores, cfg["method"], float(cfg["perc"]),
@@ -816,10 +814,10 @@ def run_nv_negatives(ctx: Context) -> dict[str, Any]:
         new["pos_scores"] = [round(s, 6) for s in pos_scores]
         new["neg"] = [t for t, _ in negs]
         new["neg_scores"] = [round(s, 6) for _, s in negs]
-        new["neg_ids"] = [score_of[P.normalize_for_dedup(t)][0] for t, _ in negs]
+        new["neg_ids"] = [entry_of[t][0] for t, _ in negs]
         out.append(new)
         stats["neg_total"] += len(negs)
-        stats["neg_unjudged"] += sum(P.normalize_for_dedup(t) not in judged for t, _ in negs)
+        stats["neg_unjudged"] += sum(not entry_of[t][3] for t, _ in negs)
     stats["items_out"] = len(out)
     stats["elapsed_s"] = time.perf_counter() - start
     atomic_write_jsonl(ctx.final_path("nv_negatives"), out)
