@@ -256,6 +256,8 @@ def main() -> None:
                         help="a converted HF decoder folder (llama/qwen2/qwen3) to train instead of "
                              "the random Qwen3 (--hidden/--layers/--vocab then ignored)")
     args = parser.parse_args()
+    if args.no_full and args.no_lora:
+        parser.error("--no-full and --no-lora leave nothing to time")
     if args.hf_dir:
         args.vocab = json.loads((pathlib.Path(args.hf_dir) / "config.json").read_text())[
             "vocab_size"]
@@ -295,8 +297,6 @@ def main() -> None:
             model_cls = Qwen3Model
         variants = ([] if args.no_full else [("full", None)]) + (
             [] if args.no_lora else [("LoRA", args.lora_rank)])
-        if not variants:
-            parser.error("--no-full and --no-lora leave nothing to time")
         for name, rank in variants:
             ref = model_cls.from_pretrained(model_dir, dtype=torch.float32,
                                             attn_implementation="sdpa").train()
