@@ -5,7 +5,8 @@ PyTorch reference (sentence-transformers + PEFT LoRA), on identical triples and 
     python benchmarks/decoder_finetune.py [--model HF_DIR] [--qrels TSV] [--eval-qrels TSV] \\
         [--max-length 64] [--corpus-docs 800] [--train-queries 320] [--steps 80] [--batch-size 8] \\
         [--lr 5e-4] [--dev-fraction 0.2] [--seed 0] [--skip-ref] [--out results.json] \\
-        [--synthetic RECORDS.jsonl] [--skip-real] [--skip-zero-shot]
+        [--synthetic RECORDS.jsonl] [--synthetic-loss both|infonce|ri_infonce]
+        [--ri-warmup-steps N] [--skip-real] [--skip-zero-shot]
 
 Protocol (helpers shared with ``scifact_finetune.py`` in ``finetune_common.py``):
 1. A dev split is carved from ``--qrels`` (SciFact train) by a seeded shuffle (``--dev-fraction``),
