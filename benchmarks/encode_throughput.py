@@ -16,6 +16,7 @@ last-token shortcut) and/or power-of-two length buckets (``text.DEFAULT_BUCKETS`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import json
 import os
@@ -64,10 +65,8 @@ def main() -> None:
         """Ablation: pools the full ``[B, T, D]`` hidden states (the last layer for every
         position), as before the last-token shortcut."""
 
-        def _embed_impl(self, state, input_ids, mask):  # noqa: ANN001, ANN202
-            from flax import nnx
-
-            model = nnx.merge(self._graphdef, state)
+        def _embed_impl(self, params, input_ids, mask):  # noqa: ANN001, ANN202
+            model = dataclasses.replace(self.model, params=params)
             return pool(model(input_ids, mask), mask, self.pooling, normalize=self.normalize,
                         dim=self.dim)
 
@@ -82,7 +81,7 @@ def main() -> None:
         Qwen3Model(Qwen3Config(**cfg)).save_pretrained(src)
         model = hf_io.load_encoder(src)
         out = pathlib.Path(tmp) / "model"
-        hf_io.export_hf(hf_io.get_params(model), model.config, out,
+        hf_io.export_hf(model.params, model.config, out,
                         tokenizer_dir=SHARED / "qwen3_tokenizer", max_length=args.max_length)
         del model
 

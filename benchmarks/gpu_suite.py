@@ -126,7 +126,7 @@ def ours_last_token(folder, ids, mask, dtype):
     model = hf_io.load_encoder(folder, dtype=dtype)
     fn = jax.jit(lambda p, i, m: finish_pooled(forward(model.config, p, i, m,
                                                        last_token_only=True), normalize=True))
-    return np.asarray(fn(model.params(), ids, mask), np.float32)
+    return np.asarray(fn(model.params, ids, mask), np.float32)
 
 
 def cosine(a, b):
@@ -162,8 +162,8 @@ def our_step(hf, *, lora_rank, rows, group, t, grad_cache, chunk, reasoning, fol
     from reasonembed_jax.model.encoder import config_from_hf
     from reasonembed_jax.model.params import init_param_value, param_specs
     from reasonembed_jax.training.flops import step_flops_split
+    from reasonembed_jax.training.memory_plan import memory_report
     from reasonembed_jax.training.step import StepConfig, make_optimizer, make_train_step
-    from reasonembed_jax.training.trainer import memory_report
 
     cfg = config_from_hf(hf, param_dtype="float32", dtype="bfloat16", remat_policy="full")
     lora = LoraConfig(rank=lora_rank, alpha=2.0 * lora_rank, dropout=0.1) if lora_rank else None
@@ -214,7 +214,7 @@ def our_step(hf, *, lora_rank, rows, group, t, grad_cache, chunk, reasoning, fol
 def peak_flops():
     import jax
 
-    from reasonembed_jax.training.trainer import PEAK_TFLOPS
+    from reasonembed_jax.training.monitoring import PEAK_TFLOPS
 
     kind = jax.devices()[0].device_kind
     for name, tflops in PEAK_TFLOPS.items():
@@ -341,7 +341,7 @@ def encode(args, tmp):
 
     ours = hf_io.load_encoder(folder, dtype="bfloat16")
     fn = jax.jit(lambda p, i, m: forward(ours.config, p, i, m, last_token_only=True))
-    params = ours.params()
+    params = ours.params
     jax.block_until_ready(fn(params, ids, mask))
     start = time.perf_counter()
     for _ in range(3):

@@ -17,7 +17,7 @@ one device (``--chunk`` changes the chunk).
 Caveat: the numbers are XLA's CPU buffer assignment; GPU and TPU compilers schedule and fuse
 differently, so treat them as a plan to check, not a guarantee. XLA:CPU computes bf16 in float32
 and hoists float32 copies of the frozen bf16 weights out of the layer loops; the trainer finds
-them in the compiled HLO (``trainer.widened_parameter_bytes``) and the table reports them apart
+them in the compiled HLO (``memory_plan.widened_parameter_bytes``) and the table reports them apart
 ("CPU-only copies"), with the peak without them.
 """
 

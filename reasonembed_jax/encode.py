@@ -1,4 +1,5 @@
-"""Text -> embeddings with a (converted) HF decoder: the ``TextEncoder`` API and the ``encode`` CLI.
+"""Text -> embeddings with a local HF model (decoder or BERT): the ``TextEncoder`` API and the
+``encode`` CLI.
 
     python -m reasonembed_jax.encode --model HF_DIR --input FILE.jsonl [--text-field text] \\
         [--instruction "..."] --out EMB.npy [--batch-size N] [--max-length L]
@@ -23,15 +24,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from reasonembed_jax.cli import positive_int, run_cli
 from reasonembed_jax.hf_io import content_hash, load_encoder, read_encoder_settings
 from reasonembed_jax.model.config import POOLING_MODES
-from reasonembed_jax.model.encoder import Encoder
-from reasonembed_jax.model.pooling import finish_pooled, pool
-from reasonembed_jax.model.sharding import make_mesh
+from reasonembed_jax.model.encoder import Encoder, embed
+from reasonembed_jax.model.sharding import batch_sharding, data_parallel_size, make_mesh
 from reasonembed_jax.text import (
     bucket_length,
     embedding_eos_token_id,
@@ -42,7 +41,6 @@ from reasonembed_jax.text import (
     tokenize_to_ids,
 )
 
-BATCH_AXES = ("data", "fsdp")
 log = logging.getLogger(__name__)
 # Length buckets ~1.5x apart (powers of two and their midpoints): at most ~1.5x padding instead of
 # 2x for powers of two alone, for twice as many (still few) compiled shapes.
@@ -50,7 +48,7 @@ ENCODE_BUCKETS = tuple(sorted({b for k in range(5, 14) for b in (2**k, 3 * 2**(k
 
 
 class TextEncoder:
-    """A decoder encoder plus its tokenizer and pooling settings.
+    """An ``Encoder`` (config + parameters) plus its tokenizer and pooling settings.
 
     ``encode(texts, instruction=...)`` returns ``[N, dim]`` float32 rows in input order;
     ``cache_key`` identifies weights + settings for embedding caches.
@@ -86,7 +84,6 @@ class TextEncoder:
         self.mesh = mesh if mesh is not None else (model.mesh or make_mesh(data=-1))
         self.buckets = tuple(buckets)
         self._identity = identity
-        self._graphdef, self._state = nnx.split(model)
         self._embed = jax.jit(self._embed_impl)
 
     @classmethod
@@ -149,22 +146,19 @@ class TextEncoder:
     def embedding_dim(self) -> int:
         return self.dim or self.model.config.hidden_size
 
-    def _embed_impl(self, state: Any, input_ids: jax.Array, mask: jax.Array) -> jax.Array:
-        model = nnx.merge(self._graphdef, state)
-        if self.pooling == "last_token":
-            # Only the pooled position is needed: the last layer runs for that position alone.
-            pooled = model(input_ids, mask, last_token_only=True)
-            return finish_pooled(pooled, normalize=self.normalize, dim=self.dim)
-        hidden = model(input_ids, mask)
-        return pool(hidden, mask, self.pooling, normalize=self.normalize, dim=self.dim)
+    def _embed_impl(self, params: Any, input_ids: jax.Array, mask: jax.Array) -> jax.Array:
+        return embed(self.model.config, params, input_ids, mask, pooling=self.pooling,
+                     normalize=self.normalize, dim=self.dim, mesh=self.model.mesh,
+                     rules=self.model.rules)
 
     def embed_tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Embeddings of already tokenized, left-padded rows (row count divisible by the data
         parallel size)."""
-        sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXES, None))
+        sharding = batch_sharding(self.mesh, self.model.rules, ndim=2)
         ids = jax.device_put(jnp.asarray(input_ids, jnp.int32), sharding)
         mask = jax.device_put(jnp.asarray(attention_mask, jnp.int32), sharding)
-        return np.asarray(jax.device_get(self._embed(self._state, ids, mask)), dtype=np.float32)
+        return np.asarray(jax.device_get(self._embed(self.model.params, ids, mask)),
+                          dtype=np.float32)
 
     def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
         return tokenize_to_ids(self.tokenizer, texts, max_length or self.max_length,
@@ -196,7 +190,7 @@ class TextEncoder:
             return out
         max_length = self.max_length if max_length is None else max_length
         batch_size = self.batch_size if batch_size is None else batch_size
-        data_parallel = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        data_parallel = data_parallel_size(self.mesh, self.model.rules)
         rows_per_batch = -(-batch_size // data_parallel) * data_parallel
         inputs = [format_query(t, instruction) for t in texts] if instruction else list(texts)
         ids = self.tokenize(inputs, max_length)
@@ -242,7 +236,7 @@ def read_jsonl_texts(path: str, field: str) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m reasonembed_jax.encode",
-        description="Embed the texts of a JSONL file with a local HF decoder model "
+        description="Embed the texts of a JSONL file with a local HF model (decoder or BERT) "
         "(float32, L2-normalised rows in input order, saved as .npy).",
     )
     parser.add_argument("--model", required=True, help="local HF folder (config.json + "

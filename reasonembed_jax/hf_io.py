@@ -20,7 +20,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from reasonembed_jax.distributed import is_primary, to_host
@@ -111,28 +110,6 @@ def load_hf_params(
     return params
 
 
-def abstract_encoder(
-    config: ModelConfig, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES
-) -> Encoder:
-    """The encoder with shape-only parameters (no memory), e.g. for planning or loading into."""
-    return nnx.eval_shape(lambda: Encoder(config, rngs=nnx.Rngs(0), mesh=mesh, rules=rules))
-
-
-def set_params(model: Encoder, params: Mapping[str, jax.Array]) -> Encoder:
-    """Writes ``{dotted path: array}`` into ``model``'s parameters (in place) and returns it."""
-    for path, value in params.items():
-        var = model.variable(path)
-        if tuple(var.shape) != tuple(value.shape):
-            raise ValueError(f"parameter '{path}': shape {tuple(value.shape)} != {var.shape}")
-        var.set_value(value)
-    return model
-
-
-def get_params(model: Encoder) -> dict[str, jax.Array]:
-    """``{dotted path: array}`` for every table parameter of ``model``."""
-    return model.params()
-
-
 def load_encoder(
     model_dir: str | os.PathLike,
     *,
@@ -140,14 +117,14 @@ def load_encoder(
     rules: Rules = DEFAULT_RULES,
     **runtime: Any,
 ) -> Encoder:
-    """A ``Encoder`` with weights from a local HF folder (config.json + safetensors).
+    """An ``Encoder`` (config + parameters) from a local HF folder (config.json + safetensors).
 
     ``runtime`` sets run-time config fields: ``param_dtype``, ``dtype``, ``attention``,
     ``scan_layers``, ``remat_policy``.
     """
     config = config_from_hf_dir(model_dir, **runtime)
-    model = abstract_encoder(config, mesh=mesh, rules=rules)
-    return set_params(model, load_hf_params(model_dir, config, mesh=mesh, rules=rules))
+    return Encoder(config, load_hf_params(model_dir, config, mesh=mesh, rules=rules), mesh=mesh,
+                   rules=tuple(rules))
 
 
 def _source_dtype(config: ModelConfig) -> str:

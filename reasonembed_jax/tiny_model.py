@@ -15,11 +15,9 @@ import json
 import os
 from collections.abc import Sequence
 
-from flax import nnx
-
 from reasonembed_jax.cli import run_cli
-from reasonembed_jax.hf_io import export_hf, get_params
-from reasonembed_jax.model.encoder import Encoder, config_from_hf
+from reasonembed_jax.hf_io import export_hf
+from reasonembed_jax.model.encoder import config_from_hf, init_params
 
 
 def shrink_hf_config(
@@ -55,8 +53,7 @@ def write_tiny_model(
                           head_dim=head_dim, intermediate=intermediate)
     hf["torch_dtype"] = "float32"
     config = config_from_hf(hf)
-    model = Encoder(config, rngs=nnx.Rngs(seed))
-    return export_hf(get_params(model), config, out_dir, tokenizer_dir=tokenizer_dir,
+    return export_hf(init_params(config, seed), config, out_dir, tokenizer_dir=tokenizer_dir,
                      append_eos=append_eos)
 
 

@@ -108,7 +108,7 @@ def test_decoder_impls_match_hf_and_each_other(tiny_qwen3, impl, cudnn_on_cpu):
                           ).last_hidden_state.numpy()
     base = hf_io.load_encoder(path, attention_impl="matmul")
     model = hf_io.load_encoder(path, attention_impl=impl)
-    params = model.params()
+    params = model.params
     ours = np.asarray(forward(model.config, params, ids, mask))
     mine = np.asarray(forward(base.config, params, ids, mask))
     real = mask.astype(bool)

@@ -26,6 +26,7 @@ from reasonembed_jax.model.bert import BertConfig
 from reasonembed_jax.model.encoder import config_from_hf, forward
 from reasonembed_jax.model.pooling import pool
 from reasonembed_jax.text import load_tokenizer, tokenize_texts
+from reasonembed_jax.training.state import split_trainable
 from reasonembed_jax.training.step import (
     StepConfig,
     compute_loss,
@@ -35,7 +36,6 @@ from reasonembed_jax.training.step import (
     make_train_step,
     plain_loss_and_grads,
 )
-from reasonembed_jax.training.trainer import split_trainable
 from train_configs import random_batch
 
 BERT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
@@ -206,7 +206,7 @@ def test_gradients_match_torch_autograd(tiny_bert, torch_gradients, scan_layers,
         h = forward(cfg, p, ids, mask)
         return jnp.sum(h * w * mask[..., None])
 
-    grads = _jit(jax.grad(loss))(model.params())
+    grads = _jit(jax.grad(loss))(model.params)
     specs = param_specs(cfg)
     seen = set()
     for path_, spec in specs.items():
@@ -244,9 +244,9 @@ def test_round_trip_is_bit_identical(tmp_path, with_pooler):
     assert any(k.startswith("pooler.") for k in original) is with_pooler
     model = hf_io.load_encoder(src)
     assert model.config.with_pooler is with_pooler
-    assert ("pooler_dense" in model.params()) is with_pooler
+    assert ("pooler_dense" in model.params) is with_pooler
     out = tmp_path / "out"
-    hf_io.export_hf(hf_io.get_params(model), model.config, out, tokenizer_dir=None,
+    hf_io.export_hf(model.params, model.config, out, tokenizer_dir=None,
                     pooling="mean")
     exported = _tensors(out)
     assert sorted(exported) == sorted(original)
@@ -289,7 +289,7 @@ def test_task_checkpoint_with_bert_prefix_loads(tmp_path, cls_name, has_pooler):
                                     _hf_rows_alone(torch_model.bert, ids, mask), mask)
     assert diff < 1e-4
     out = tmp_path / "out"
-    hf_io.export_hf(hf_io.get_params(model), model.config, out, tokenizer_dir=None)
+    hf_io.export_hf(model.params, model.config, out, tokenizer_dir=None)
     base = {k.removeprefix("bert."): v for k, v in original.items() if k.startswith("bert.")}
     exported = _tensors(out)
     assert sorted(exported) == sorted(base)
@@ -314,7 +314,7 @@ def st_exports(minilm_dir, tmp_path_factory):
     outs = {}
     for pooling in ("mean", "first_token"):
         out = tmp_path_factory.mktemp(f"bert_{pooling}")
-        hf_io.export_hf(hf_io.get_params(model), model.config, out, tokenizer_dir=minilm_dir,
+        hf_io.export_hf(model.params, model.config, out, tokenizer_dir=minilm_dir,
                         pooling=pooling, max_length=48)
         outs[pooling] = out
     return torch_model, outs
@@ -426,7 +426,7 @@ def test_minilm_hidden_states_match_transformers(minilm_dir, minilm_encoder):
 def _train(path, mesh, *, dropout, steps=3):
     """``steps`` full fine-tuning steps (mean pooling, RI-InfoNCE) on ``mesh``."""
     model = hf_io.load_encoder(path, mesh=mesh)
-    trainable, frozen = split_trainable(model.config, model.params())
+    trainable, frozen = split_trainable(model.config, model.params)
     cfg = StepConfig(model=model.config, loss="ri_infonce", ri_warmup_steps=1, pooling="mean",
                      dropout=dropout, mesh=mesh)
     optimizer = make_optimizer(1e-3)
@@ -466,7 +466,7 @@ def test_one_device_and_eight_devices_train_identically(tiny_bert, dropout):
             continue
         assert _rel(eight["params"][name], value) <= 1e-5, name
     # The pooler is frozen: not trained, kept as loaded (and the rest did move).
-    source = hf_io.load_encoder(path).params()
+    source = hf_io.load_encoder(path).params
     assert sorted(frozen_one) == sorted(frozen_eight) == ["pooler_bias", "pooler_dense"]
     assert not set(frozen_one) & set(one["params"])
     for name in frozen_one:
@@ -477,7 +477,7 @@ def test_one_device_and_eight_devices_train_identically(tiny_bert, dropout):
 def test_dropout_changes_the_loss_and_is_deterministic(tiny_bert):
     _, path = tiny_bert
     model = hf_io.load_encoder(path)
-    trainable, frozen = split_trainable(model.config, model.params())
+    trainable, frozen = split_trainable(model.config, model.params)
     batch = random_batch(4, 2, 12, 0)
     step = jnp.asarray(3)
 
@@ -517,7 +517,7 @@ def test_grad_cache_with_dropout_equals_autodiff_through_the_same_masks(tiny_ber
     shards, chunk_rows = 2, 2
     mesh = make_mesh(data=shards, fsdp=1, tensor=1)
     model = hf_io.load_encoder(path, mesh=mesh)
-    trainable, frozen = split_trainable(model.config, model.params())
+    trainable, frozen = split_trainable(model.config, model.params)
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     host = random_batch(4, 2, 8, 5)  # per shard: 2 queries (1 chunk), 4 passages (2 chunks)
     batch = {k: jax.device_put(v, rows) for k, v in host.items()}
@@ -621,7 +621,7 @@ def test_lora_on_bert_trains_one_step_and_merges(tiny_bert):
     _, path = tiny_bert
     model = hf_io.load_encoder(path)
     cfg = model.config
-    base = model.params()
+    base = model.params
     lora = LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=BERT_PROJECTIONS)
     adapters = init_lora(cfg, lora, jax.random.key(0))
     ids, mask = _left_padded()

@@ -23,7 +23,7 @@ def model_dir(hf_configs_dir, qwen3_tokenizer_dir, tmp_path_factory):
     src = hf_models.save_hf_model(torch_model, tmp_path_factory.mktemp("src"))
     model = hf_io.load_encoder(src)
     out = tmp_path_factory.mktemp("model")
-    hf_io.export_hf(hf_io.get_params(model), model.config, out,
+    hf_io.export_hf(model.params, model.config, out,
                     tokenizer_dir=qwen3_tokenizer_dir)
     return out, torch_model
 

@@ -13,8 +13,8 @@ import numpy as np
 from reasonembed_jax.lora import LoraConfig, lora_param_shapes
 from reasonembed_jax.model.encoder import config_from_hf
 from reasonembed_jax.model.params import param_specs
+from reasonembed_jax.training.memory_plan import memory_report
 from reasonembed_jax.training.step import StepConfig, make_optimizer, make_train_step
-from reasonembed_jax.training.trainer import memory_report
 
 NO_HOISTING = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 

@@ -11,10 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from test_train_parallel import _tiny_model_config
 
-from reasonembed_jax.model import Encoder
+from reasonembed_jax.model import init_params
 from reasonembed_jax.records import RecordError
 from reasonembed_jax.training.step import StepConfig, make_optimizer, make_train_step
 from reasonembed_jax.training.trainer import Trainer, TrainingError
@@ -54,7 +53,7 @@ def test_unset_is_none_not_zero(tmp_path):
 def test_non_finite_update_is_never_applied():
     """A NaN learning rate with a finite loss and gradient: the update is skipped."""
     cfg = _tiny_model_config()
-    params = Encoder(cfg, rngs=nnx.Rngs(0)).params()
+    params = init_params(cfg, 0)
     optimizer = make_optimizer(lambda s: jnp.nan)
     state = {"step": jnp.asarray(0), "params": params, "opt_state": optimizer.init(params),
              "rng": jax.random.key_data(jax.random.key(0))}
@@ -267,7 +266,7 @@ def test_export_interrupted_leaves_no_half_folder(tmp_path, monkeypatch, qwen3_t
     from reasonembed_jax import hf_io
 
     cfg = _tiny_model_config()
-    params = Encoder(cfg, rngs=nnx.Rngs(0)).params()
+    params = init_params(cfg, 0)
     out = tmp_path / "export" / "step_3"
     seen = {}
     real = hf_io._write_sentence_transformers_files

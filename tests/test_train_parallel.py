@@ -5,10 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from reasonembed_jax.model import DecoderConfig, Encoder, make_mesh
+from reasonembed_jax.model import DecoderConfig, init_params, make_mesh
 from reasonembed_jax.training.checkpoint import Checkpointer, abstract_like
+from reasonembed_jax.training.memory_plan import memory_report
+from reasonembed_jax.training.monitoring import NanGuard
 from reasonembed_jax.training.step import (
     StepConfig,
     grad_cache_loss_and_grads,
@@ -16,7 +17,7 @@ from reasonembed_jax.training.step import (
     make_train_step,
     plain_loss_and_grads,
 )
-from reasonembed_jax.training.trainer import NanGuard, Trainer, TrainingError, memory_report
+from reasonembed_jax.training.trainer import Trainer, TrainingError
 from train_configs import random_batch, tiny_train_config
 
 
@@ -64,7 +65,7 @@ def _tiny_model_config():
 def test_grad_cache_equals_plain_gradients_and_saves_memory():
     cfg = _tiny_model_config()
     mesh = make_mesh(data=8)
-    params = Encoder(cfg, rngs=nnx.Rngs(0)).params()
+    params = init_params(cfg, 0)
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     batch = {k: jax.device_put(v, rows) for k, v in random_batch(16, 4, 12, 0).items()}
     plain_cfg = StepConfig(model=cfg, loss="ri_infonce", ri_warmup_steps=0, mesh=mesh)
@@ -102,7 +103,7 @@ def test_grad_cache_equals_plain_gradients_and_saves_memory():
 
 def test_non_finite_step_is_skipped():
     cfg = _tiny_model_config()
-    params = Encoder(cfg, rngs=nnx.Rngs(0)).params()
+    params = init_params(cfg, 0)
     params["norm"] = params["norm"].at[0].set(jnp.nan)
     optimizer = make_optimizer(1e-3)
     state = {"step": jnp.asarray(0), "params": params, "opt_state": optimizer.init(params),

@@ -1,15 +1,16 @@
 """The encoder model of both families (decoder LLMs and BERT): configurations, parameter tables,
-the NNX module, pooling and sharding rules."""
+the forward and embedding functions, pooling and sharding rules."""
 
 from reasonembed_jax.model.bert import BertConfig
 from reasonembed_jax.model.config import DecoderConfig
 from reasonembed_jax.model.encoder import (
-    DecoderEncoder,
     Encoder,
     ModelConfig,
     config_from_hf,
     config_from_hf_dir,
+    embed,
     forward,
+    init_params,
 )
 from reasonembed_jax.model.params import ParamSpec, param_specs
 from reasonembed_jax.model.pooling import pool
@@ -19,12 +20,13 @@ __all__ = [
     "DEFAULT_RULES",
     "BertConfig",
     "DecoderConfig",
-    "DecoderEncoder",
     "Encoder",
     "ModelConfig",
     "config_from_hf",
     "config_from_hf_dir",
+    "embed",
     "forward",
+    "init_params",
     "ParamSpec",
     "make_mesh",
     "param_specs",

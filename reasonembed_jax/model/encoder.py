@@ -1,26 +1,27 @@
 """One encoder interface over both model families: decoders (Qwen3, Qwen2, Llama-3.x) and BERT.
 
-``config_from_hf`` picks the family from ``model_type``; ``forward`` and ``Encoder`` run either.
-Everything above this module (HF import/export, ``encode``, training, evaluation) goes through it
-and never needs to know which family it holds.
+``config_from_hf`` picks the family from ``model_type``; ``forward`` runs either to final hidden
+states and ``embed`` to pooled embeddings. Parameters are plain ``{dotted path: array}`` dicts (rows
+of ``params.param_specs``). Everything above this module (HF import/export, ``encode``, training,
+evaluation) goes through it and never needs to know which family it holds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
 from typing import Any, Union
 
 import jax
-from flax import nnx
 from jax.sharding import Mesh
 
 from reasonembed_jax.model.bert import BERT_MODEL_TYPES, BertConfig, bert_forward
 from reasonembed_jax.model.config import SUPPORTED_MODEL_TYPES, DecoderConfig
 from reasonembed_jax.model.decoder import ProjectFn, decoder_forward, default_project
-from reasonembed_jax.model.params import LAYER_PREFIX, init_param_value, param_specs
-from reasonembed_jax.model.pooling import last_token_pool
+from reasonembed_jax.model.params import init_param_value, param_specs
+from reasonembed_jax.model.pooling import finish_pooled, last_token_pool, pool
 from reasonembed_jax.model.sharding import DEFAULT_RULES, Rules
 
 Array = jax.Array
@@ -87,60 +88,53 @@ def forward(
                            project=project, last_token_only=last_token_only)
 
 
-class EncoderLayers(nnx.Module):
-    """Container of the stacked per-layer parameters (attribute name = table key)."""
+def init_params(config: ModelConfig, seed: int | Array = 0) -> dict[str, Array]:
+    """Random parameters of the table: row ``i`` drawn with ``fold_in(key(seed), i)``."""
+    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    return {path: init_param_value(spec, jax.random.fold_in(key, i), config)
+            for i, (path, spec) in enumerate(param_specs(config).items())}
 
 
-class Encoder(nnx.Module):
-    """A text encoder of either family: token ids -> final hidden states.
-
-    Parameters come from ``param_specs(config)``; each ``nnx.Param`` carries ``logical_axes``.
-    The computation is ``forward`` on ``self.params()``, so training code can use the same
-    function on plain parameter pytrees.
-    """
-
-    def __init__(
-        self,
-        config: ModelConfig,
-        *,
-        rngs: nnx.Rngs,
-        mesh: Mesh | None = None,
-        rules: Rules = DEFAULT_RULES,
-    ):
-        self.config = config
-        self.mesh = mesh
-        self.rules = tuple(rules)
-        self.layers = EncoderLayers()
-        for path, spec in param_specs(config).items():
-            param = nnx.Param(init_param_value(spec, rngs.params(), config),
-                              logical_axes=spec.logical_axes)
-            if path.startswith(LAYER_PREFIX):
-                setattr(self.layers, path[len(LAYER_PREFIX):], param)
-            else:
-                setattr(self, path, param)
-
-    def variable(self, path: str) -> nnx.Param:
-        """The ``nnx.Param`` of a dotted table path (``"layers.q_proj"``)."""
-        owner = self.layers if path.startswith(LAYER_PREFIX) else self
-        return getattr(owner, path.removeprefix(LAYER_PREFIX))
-
-    def params(self) -> dict[str, Array]:
-        """``{dotted path: array}`` for every parameter of the table."""
-        return {path: self.variable(path).get_value() for path in param_specs(self.config)}
-
-    def __call__(
-        self,
-        input_ids: Array,
-        attention_mask: Array,
-        *,
-        project: ProjectFn = default_project,
-        last_token_only: bool = False,
-    ) -> Array:
-        """Final hidden states ``[B, T, hidden]`` for ``input_ids``/``attention_mask [B, T]``
-        (``[B, hidden]`` at each row's last real token with ``last_token_only``)."""
-        return forward(self.config, self.params(), input_ids, attention_mask, mesh=self.mesh,
-                       rules=self.rules, project=project, last_token_only=last_token_only)
+def embed(
+    config: ModelConfig,
+    params: Mapping[str, Array],
+    input_ids: Array,
+    attention_mask: Array,
+    *,
+    pooling: str = "last_token",
+    normalize: bool = True,
+    dim: int | None = None,
+    mesh: Mesh | None = None,
+    rules: Rules = DEFAULT_RULES,
+    project: ProjectFn = default_project,
+    dropout_key: Array | None = None,
+) -> Array:
+    """Token ids -> ``[B, dim or hidden]`` float32 embeddings: ``forward``, pooling, Matryoshka
+    truncation to ``dim``, L2 normalisation. The one embedding function: the training step,
+    ``TextEncoder`` (and through it evaluation and mining) all call it. Last-token pooling runs
+    the decoder's last layer for the pooled position only."""
+    if pooling == "last_token":
+        pooled = forward(config, params, input_ids, attention_mask, mesh=mesh, rules=rules,
+                         project=project, last_token_only=True, dropout_key=dropout_key)
+        return finish_pooled(pooled, normalize=normalize, dim=dim)
+    hidden = forward(config, params, input_ids, attention_mask, mesh=mesh, rules=rules,
+                     project=project, dropout_key=dropout_key)
+    return pool(hidden, attention_mask, pooling, normalize=normalize, dim=dim)
 
 
-# The decoder-era name, kept for code written against it.
-DecoderEncoder = Encoder
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+    """A model config with its parameters (``{dotted table path: array}``), as
+    ``hf_io.load_encoder`` returns it. Calling it runs ``forward``; ``embed`` pools."""
+
+    config: ModelConfig
+    params: dict[str, Array]
+    mesh: Mesh | None = None
+    rules: Rules = DEFAULT_RULES
+
+    def __call__(self, input_ids: Array, attention_mask: Array, *,
+                 last_token_only: bool = False) -> Array:
+        """Final hidden states ``[B, T, hidden]`` (``[B, hidden]`` at each row's last real token
+        with ``last_token_only``)."""
+        return forward(self.config, self.params, input_ids, attention_mask, mesh=self.mesh,
+                       rules=self.rules, last_token_only=last_token_only)

@@ -1,7 +1,9 @@
 """Logical axis names and the rules table that maps them onto the (data, fsdp, tensor) mesh.
 
-Model code names axes only; this table decides the parallelism. Switching FSDP against tensor
-parallelism is a change of ``rules``, not of model code.
+Model code names axes only; the rules (``config.mesh.rules``, default ``DEFAULT_RULES``) decide
+the parallelism. Sharding parameters over every device (FSDP) instead of replicating them is a
+change of rules (``FSDP_RULES``), not of model code. A logical name missing from the rules is an
+error, never a silent replication.
 """
 
 from __future__ import annotations
@@ -12,12 +14,16 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
+MESH_AXES = (DATA, FSDP, TENSOR)
+# The logical axis of example rows (training batches, texts to encode): data parallelism.
+BATCH = "activation_batch"
 
-# (logical axis, mesh axis or tuple of mesh axes or None). First match wins.
+# (logical axis, mesh axis or tuple of mesh axes or None). Every logical name the model, LoRA
+# and the batches use must be listed.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # activations
-    ("activation_batch", ("data", "fsdp")),
+    (BATCH, (DATA, FSDP)),
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
@@ -26,6 +32,8 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # parameters
     ("layers", None),
     ("vocab", "tensor"),
+    ("positions", None),  # BERT's position table
+    ("token_types", None),  # BERT's token-type table
     ("embed", "fsdp"),
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -34,8 +42,32 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
     ("lora_rank", None),
 )
+# ZeRO-3 style: parameters (and so gradients and optimizer moments) sharded over every device
+# the batch is split over, gathered layer by layer in the forward and backward passes.
+FSDP_RULES = tuple((name, (DATA, FSDP) if name == "embed" else target)
+                   for name, target in DEFAULT_RULES)
+RULE_SETS = {"default": DEFAULT_RULES, "fsdp": FSDP_RULES}
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+
+def check_rules(rules: Rules) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+    """``rules`` as a tuple of (logical name, mesh target) pairs; raises ``ValueError`` on a
+    malformed entry, a repeated logical name or a target that is not a mesh axis."""
+    out, seen = [], set()
+    for entry in rules:
+        if not isinstance(entry, list | tuple) or len(entry) != 2 or not isinstance(entry[0], str):
+            raise ValueError(f"an axis rule must be (logical name, mesh axes), got {entry!r}")
+        name, target = entry
+        if name in seen:
+            raise ValueError(f"axis rule '{name}' is given twice")
+        seen.add(name)
+        targets = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        bad = [t for t in targets if t not in MESH_AXES]
+        if bad:
+            raise ValueError(f"axis rule '{name}' maps to {bad}; mesh axes are {MESH_AXES}")
+        out.append((name, target if target is None or isinstance(target, str) else tuple(target)))
+    return tuple(out)
 
 
 def make_mesh(
@@ -76,6 +108,9 @@ def logical_to_spec(
     used: set[str] = set()
     out = []
     for name in logical_axes:
+        if name is not None and name not in table:
+            raise ValueError(f"logical axis '{name}' has no sharding rule (known: "
+                             f"{sorted(table)}); add it to config.mesh.rules")
         target = table.get(name) if name is not None else None
         if target is None:
             out.append(None)
@@ -104,6 +139,18 @@ def named_sharding(
             parts.append(part if dim % size == 0 else None)
         spec = PartitionSpec(*parts)
     return NamedSharding(mesh, spec)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES, ndim: int = 1) -> NamedSharding:
+    """Rows of a batch (first axis) split by the ``activation_batch`` rule; other axes whole."""
+    return NamedSharding(mesh, logical_to_spec((BATCH,) + (None,) * (ndim - 1), rules, mesh))
+
+
+def data_parallel_size(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
+    """How many ways batch rows are split (the product of the ``activation_batch`` mesh axes)."""
+    part = logical_to_spec((BATCH,), rules, mesh)[0]
+    names = () if part is None else (part,) if isinstance(part, str) else part
+    return int(np.prod([mesh.shape[n] for n in names])) if names else 1
 
 
 def constrain(

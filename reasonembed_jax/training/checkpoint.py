@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the train state and the data iterator position.
+"""Orbax checkpoints of the train state and the data iterator position, and preemption (SIGTERM
+turns into a saved checkpoint and a clean stop).
 
 A save is asynchronous; Orbax writes into a temporary folder and renames it when complete, so
 a kill mid-save leaves no half checkpoint under a step name. If the newest checkpoint still
@@ -12,9 +13,11 @@ import errno
 import logging
 import os
 import shutil
+import signal
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -173,3 +176,33 @@ def abstract_like(tree: Any) -> Any:
         tree,
     )
 
+
+class Preemption:
+    """Turns SIGTERM into a flag the loop checks after each step (save, then exit)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> Preemption:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        log.warning("SIGTERM received: saving a checkpoint after this step, then stopping")
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def any_process(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.array([self.requested]))
+        return bool(np.any(flags))

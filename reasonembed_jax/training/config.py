@@ -18,6 +18,7 @@ from ml_collections import config_dict
 
 from reasonembed_jax.data.pipeline import default_data_config
 from reasonembed_jax.lora import PROJECTIONS
+from reasonembed_jax.model.sharding import RULE_SETS, check_rules
 
 
 def load_config_file(spec: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -97,6 +98,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # -1: all devices left over
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    # Logical-axis rules (model.sharding.RULE_SETS): "default" replicates parameters over the
+    # data axis; "fsdp" shards them (and their optimizer state) over every data-parallel device.
+    c.mesh.rules = "default"
+    # ((logical name, mesh axis | (mesh axes) | None), ...) replacing entries of that set.
+    c.mesh.rule_overrides = ()
 
     c.train = ml_collections.ConfigDict()
     c.train.seed = 0
@@ -207,6 +213,18 @@ def check_number(key: str, value: Any, kind: str, low: float, high: float = math
         raise ValueError(f"{key} must be {lo}{hi}, got {value!r}{unset}")
 
 
+def axis_rules(config: ml_collections.ConfigDict) -> tuple:
+    """The logical-axis rules of ``config.mesh``: the named set with ``rule_overrides`` applied
+    (an override of a name the set lacks adds it). Raises ``ValueError`` on an unknown set or a
+    malformed rule."""
+    name = config.mesh.get("rules", "default")
+    if name not in RULE_SETS:
+        raise ValueError(f"mesh.rules must be one of {sorted(RULE_SETS)}, got {name!r}")
+    overrides = dict(check_rules(config.mesh.get("rule_overrides", ()) or ()))
+    rules = [(k, overrides.pop(k, v)) for k, v in RULE_SETS[name]]
+    return check_rules(rules + list(overrides.items()))
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks every numeric setting the trainer reads; raises ``ValueError`` naming the first
     bad key (``optim.learning_rate must be > 0, got nan``). Keys a config lacks are skipped."""
@@ -221,6 +239,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for axis in ("data", "fsdp", "tensor"):  # -1: the devices left over (one axis at most)
         if "mesh" in config and axis in config.mesh and config.mesh[axis] != -1:
             check_number(f"mesh.{axis}", config.mesh[axis], _INT, 1)
+    if "mesh" in config and "rules" in config.mesh:
+        axis_rules(config)
     if "data" in config:
         for length in config.data.get("buckets", ()) or ():
             check_number("data.buckets[]", length, _INT, 1)

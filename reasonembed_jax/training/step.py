@@ -23,9 +23,8 @@ from jax.sharding import Mesh
 from reasonembed_jax import losses
 from reasonembed_jax.lora import LoraConfig, lora_project, with_dropout_keys
 from reasonembed_jax.model.decoder import default_project
-from reasonembed_jax.model.encoder import ModelConfig, forward
-from reasonembed_jax.model.pooling import finish_pooled, pool
-from reasonembed_jax.model.sharding import DEFAULT_RULES, Rules, constrain
+from reasonembed_jax.model.encoder import ModelConfig, embed
+from reasonembed_jax.model.sharding import BATCH, DEFAULT_RULES, Rules, constrain, data_parallel_size
 
 Array = jax.Array
 PyTree = Any
@@ -78,29 +77,24 @@ class StepConfig:
     def data_parallel(self) -> int:
         if self.mesh is None:
             return 1
-        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        return data_parallel_size(self.mesh, self.rules)
 
 
 def make_embed_fn(cfg: StepConfig, *, train: bool) -> Callable[..., Array]:
     """``embed(trainable, frozen, ids, mask, key) -> [N, D]`` unit-norm float32 embeddings."""
     project = lora_project(cfg.lora, train=train) if cfg.lora is not None else default_project
 
-    def embed(trainable: PyTree, frozen: PyTree, ids: Array, mask: Array, key: Array) -> Array:
+    def embed_fn(trainable: PyTree, frozen: PyTree, ids: Array, mask: Array, key: Array) -> Array:
         params = {**frozen, **trainable}
         if cfg.lora is not None and train and cfg.lora.dropout > 0:
             params = with_dropout_keys(params, key, cfg.model.num_layers)
-        ids = constrain(ids, ("activation_batch", "activation_length"), cfg.mesh, cfg.rules)
-        mask = constrain(mask, ("activation_batch", "activation_length"), cfg.mesh, cfg.rules)
+        ids = constrain(ids, (BATCH, "activation_length"), cfg.mesh, cfg.rules)
+        mask = constrain(mask, (BATCH, "activation_length"), cfg.mesh, cfg.rules)
         dropout_key = key if train and cfg.dropout else None
-        if cfg.pooling == "last_token":  # the last layer only needs the pooled position
-            pooled = forward(cfg.model, params, ids, mask, mesh=cfg.mesh, rules=cfg.rules,
-                             project=project, last_token_only=True, dropout_key=dropout_key)
-            return finish_pooled(pooled, normalize=True)
-        hidden = forward(cfg.model, params, ids, mask, mesh=cfg.mesh, rules=cfg.rules,
-                         project=project, dropout_key=dropout_key)
-        return pool(hidden, mask, cfg.pooling, normalize=True)
+        return embed(cfg.model, params, ids, mask, pooling=cfg.pooling, normalize=True,
+                     mesh=cfg.mesh, rules=cfg.rules, project=project, dropout_key=dropout_key)
 
-    return embed
+    return embed_fn
 
 
 def compute_loss(
