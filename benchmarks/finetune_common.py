@@ -84,7 +84,7 @@ def score(query_emb, doc_emb, qids, doc_ids, qrels, top_k=100) -> dict[str, floa
     import numpy as np
 
     from reasonembed_jax.evaluation.metrics import mean_metrics, per_query_metrics
-    from reasonembed_jax.evaluation.search import top_k_of_scores
+    from reasonembed_jax.retrieval import top_k_of_scores
 
     scores = np.asarray(query_emb, np.float32) @ np.asarray(doc_emb, np.float32).T
     run = top_k_of_scores(scores, top_k).to_run(qids, doc_ids)

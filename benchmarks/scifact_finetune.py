@@ -21,7 +21,7 @@ Protocol:
    Shared settings: epochs, batch size, lr, AdamW (weight decay 0.01), 10% linear warm-up then linear
    decay, clipping at 1.0, dropout as in the model config, 256 tokens, float32, seed.
 4. Every system is scored by the same code: embeddings (each framework's own encoder), exact
-   inner-product search over the full corpus (``evaluation.search.top_k_of_scores``), metrics
+   inner-product search over the full corpus (``retrieval.top_k_of_scores``), metrics
    with trec_eval semantics (``evaluation.metrics``, tested equal to pytrec_eval).
 
 Reported: dev nDCG@10, Recall@100 and MRR@10 per system; training wall time (ours includes

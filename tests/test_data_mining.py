@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from reasonembed_jax.data import build_records, mining
+from reasonembed_jax import retrieval
+from reasonembed_jax.data import build_records
 from reasonembed_jax.data.pipeline import DEMO_DATA_DIR
 from reasonembed_jax.records import validate_record
 
@@ -27,7 +28,7 @@ def reference_keep(scores, s_min, method, perc=0.95, margin=0.05):
     return out
 
 
-@pytest.mark.parametrize("method", mining.FILTERS)
+@pytest.mark.parametrize("method", retrieval.FILTERS)
 def test_positive_aware_mask_matches_reference(method):
     rng = np.random.default_rng(0)
     scores = rng.uniform(0.2, 0.9, size=(30, 40))
@@ -35,33 +36,33 @@ def test_positive_aware_mask_matches_reference(method):
     # Values right at the thresholds must be dropped (strict inequality).
     scores[0, 0] = 0.95 * s_min[0]
     scores[1, 0] = s_min[1] - 0.05
-    got = mining.positive_aware_mask(scores, s_min, method)
+    got = retrieval.positive_aware_mask(scores, s_min, method)
     np.testing.assert_array_equal(got, reference_keep(scores, s_min, method))
     if method != "none":
         assert not got[0, 0] or method == "margin_pos"
         assert not got[1, 0] or method == "perc_pos"
-    got = mining.positive_aware_mask(scores, s_min, method, perc=0.8, margin=0.2)
+    got = retrieval.positive_aware_mask(scores, s_min, method, perc=0.8, margin=0.2)
     np.testing.assert_array_equal(got, reference_keep(scores, s_min, method, 0.8, 0.2))
     with pytest.raises(ValueError):
-        mining.positive_aware_mask(scores, s_min, "top_k")
+        retrieval.positive_aware_mask(scores, s_min, "top_k")
 
 
 def test_rank_candidates_and_selection():
     scores = np.array([[0.9, 0.1, 0.8, 0.7, 0.85, 0.3],
                        [0.2, 0.6, 0.6, 0.9, 0.1, 0.5]])
     positives = [[0, 3], [3]]
-    ids, cand, s_min = mining.rank_candidates(scores, positives, depth=5, excluded=[[], [5]])
+    ids, cand, s_min = retrieval.rank_candidates(scores, positives, depth=5, excluded=[[], [5]])
     np.testing.assert_array_equal(s_min, [0.7, 0.9])
     # Positives and excluded ids removed, descending score, ties by id, padded with -1.
     assert ids[0].tolist() == [4, 2, 5, 1, -1]
     assert ids[1].tolist() == [1, 2, 0, 4, -1]
-    keep = mining.positive_aware_mask(cand, s_min, "perc_pos")
-    chosen = mining.select_negatives(ids, cand, keep, 2)
+    keep = retrieval.positive_aware_mask(cand, s_min, "perc_pos")
+    chosen = retrieval.select_negatives(ids, keep, 2)
     # 0.95 * 0.7 = 0.665: 4 (0.85) and 2 (0.8) are too close to the positive.
     assert chosen[0].tolist() == [5, 1]
     assert chosen[1].tolist() == [1, 2]
-    sampled = mining.select_negatives(ids, cand, keep, 1, sample_from_top=3,
-                                      rng=np.random.default_rng(0))
+    sampled = retrieval.select_negatives(ids, keep, 1, sample_from_top=3,
+                                         rng=np.random.default_rng(0))
     assert sampled[1].tolist()[0] in (1, 2, 0)
 
 

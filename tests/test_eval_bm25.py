@@ -11,6 +11,7 @@ pytrec_eval = pytest.importorskip("pytrec_eval")
 from reasonembed_jax import evaluate as cli  # noqa: E402
 from reasonembed_jax.evaluation.bm25 import BM25Retriever  # noqa: E402
 from reasonembed_jax.evaluation.datasets import RetrievalTask  # noqa: E402
+from reasonembed_jax.retrieval import BM25Index  # noqa: E402
 
 
 def lucene_bm25(doc_tokens, query_tokens, k1, b):
@@ -41,11 +42,9 @@ def test_scores_equal_hand_written_lucene_bm25():
                          qrels={"a": {"d1": 1}, "b": {"d0": 1}, "c": {"d3": 1}})
     retriever = BM25Retriever(k1=0.9, b=0.4, log=lambda m: None)
     result, _ = retriever.search(task, 5)
-    import Stemmer
-
-    stemmer = Stemmer.Stemmer("english")
-    doc_tokens = retriever._tokenize(corpus, stemmer)
-    query_tokens = retriever._tokenize(queries, stemmer)
+    index = BM25Index(corpus)
+    doc_tokens = index.tokenize(corpus)
+    query_tokens = index.tokenize(queries)
     for row, tokens in enumerate(query_tokens):
         expected = lucene_bm25(doc_tokens, tokens, 0.9, 0.4)
         got = dict(zip(result.indices[row], result.scores[row], strict=True))

@@ -8,11 +8,8 @@ import pytest
 pytrec_eval = pytest.importorskip("pytrec_eval")
 
 from reasonembed_jax.evaluation.metrics import per_query_metrics  # noqa: E402
-from reasonembed_jax.evaluation.search import (  # noqa: E402
-    exact_search,
-    excluded_index_matrix,
-    top_k_of_scores,
-)
+from reasonembed_jax.evaluation.search import exact_search, excluded_index_matrix  # noqa: E402
+from reasonembed_jax.retrieval import top_k_of_scores  # noqa: E402
 
 
 def reference_top_k(scores, k, excluded=None):
@@ -56,7 +53,7 @@ def test_top_k_of_scores_matches_full_sort():
     rng = np.random.default_rng(1)
     scores = rng.integers(0, 20, size=(9, 300)).astype(np.float32)
     excluded = [[0, 1, 2], [], [299]] + [[]] * 6
-    got = top_k_of_scores(scores, 40, excluded=excluded, corpus_chunk_size=64)
+    got = top_k_of_scores(scores, 40, excluded=excluded)
     ref_scores, ref_indices = reference_top_k(scores, 40, excluded)
     np.testing.assert_array_equal(got.scores, ref_scores)
     np.testing.assert_array_equal(got.indices, ref_indices)

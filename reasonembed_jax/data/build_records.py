@@ -3,7 +3,7 @@
 ``beir``: queries + qrels + corpus in BEIR layout; positives from the qrels (score > 0); negatives
 mined with BM25 (bm25s) or an embedder (``--embedder HF_DIR``, loaded with
 ``reasonembed_jax.encode.TextEncoder``), filtered with NV-Retriever's positive-aware filters
-(``mining.positive_aware_mask``).
+(``retrieval.positive_aware_mask``).
 
 ``bright``: BRIGHT ``examples`` files (demo data). Positive: the example's ``gold_answer``;
 reasoning query: its ``reasoning`` field (optionally after the query); negatives: the gold answers
@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from reasonembed_jax import retrieval
 from reasonembed_jax.cli import run_cli
 from reasonembed_jax.data import mining
 from reasonembed_jax.instructions import task_instruction
@@ -91,11 +92,12 @@ def mine_negatives(
     excluded: Sequence[Sequence[int]] | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
     """Teacher scores -> per query (negative ids, their scores), plus ``s_min`` per query."""
-    ids, cand_scores, s_min = mining.rank_candidates(scores, positives, depth, excluded)
-    keep = mining.positive_aware_mask(cand_scores, s_min, filter_name, perc=perc, margin=margin)
-    chosen = mining.select_negatives(ids, cand_scores, keep, num_negatives,
-                                     sample_from_top=sample_from_top,
-                                     rng=np.random.default_rng(seed))
+    ids, cand_scores, s_min = retrieval.rank_candidates(scores, positives, depth, excluded)
+    keep = retrieval.positive_aware_mask(cand_scores, s_min, filter_name, perc=perc,
+                                         margin=margin)
+    chosen = retrieval.select_negatives(ids, keep, num_negatives,
+                                        sample_from_top=sample_from_top,
+                                        rng=np.random.default_rng(seed))
     neg_scores = [scores[q][c] for q, c in enumerate(chosen)]
     return chosen, neg_scores, s_min
 
@@ -129,7 +131,7 @@ def build_bright_records(
     if not usable:
         return [], skipped
     passages = [_truncate(ex["gold_answer"], max_chars) for ex in usable]
-    scores = mining.bm25_scores([ex["query"] for ex in usable], passages)
+    scores = retrieval.bm25_scores([ex["query"] for ex in usable], passages)
     # Identical answer texts under two queries are positives for both, never negatives.
     by_text: dict[str, list[int]] = {}
     for i, p in enumerate(passages):
@@ -231,7 +233,7 @@ def build_beir_records(
             positives.append(pos)
     texts = [queries[q] for q in qids]
     if negatives == "bm25":
-        scores = mining.bm25_scores(texts, docs)
+        scores = retrieval.bm25_scores(texts, docs)
     elif negatives == "embedder":
         if embedder is None:
             raise ValueError("--negatives embedder needs --embedder")
@@ -264,7 +266,7 @@ def build_beir_records(
 def _add_mining_args(p: argparse.ArgumentParser, *, num_negatives: int) -> None:
     p.add_argument("--num-negatives", type=int, default=num_negatives,
                    help="negatives kept per query (default %(default)s)")
-    p.add_argument("--filter", choices=mining.FILTERS, default="perc_pos",
+    p.add_argument("--filter", choices=retrieval.FILTERS, default="perc_pos",
                    help="positive-aware filter: perc_pos keeps s(q,n) < PERC*s_min, margin_pos "
                         "keeps s(q,n) < s_min - MARGIN (default %(default)s)")
     p.add_argument("--perc", type=float, default=0.95, help="TopK-PercPos factor")

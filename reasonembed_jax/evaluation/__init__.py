@@ -15,7 +15,8 @@ from reasonembed_jax.evaluation.pipeline import (
     evaluate_tasks,
     resolve_model_dir,
 )
-from reasonembed_jax.evaluation.search import SearchResult, exact_search, top_k_of_scores
+from reasonembed_jax.evaluation.search import exact_search
+from reasonembed_jax.retrieval import SearchResult, top_k_of_scores
 
 __all__ = [
     "BRIGHT_TASKS", "DEFAULT_METRICS", "DenseRetriever", "RetrievalTask", "SearchResult",

@@ -1,21 +1,16 @@
-"""BM25 baseline (bm25s, Lucene variant) behind the same search interface as dense retrieval.
-
-Scoring (Lucene >= 8, which drops the rank-neutral ``(k1 + 1)`` numerator factor):
-``sum_t idf(t) * tf(t, d) / (tf(t, d) + k1 * (1 - b + b * |d| / avgdl))`` with
-``idf(t) = ln(1 + (N - df + 0.5) / (df + 0.5))``; defaults ``k1 = 0.9``, ``b = 0.4``
-(Anserini's BEIR setting). Tokens: lower-cased ``\\w\\w+`` words, English stop words removed,
-Snowball English stemming (PyStemmer). Each query's full score vector is computed, so excluded
-documents are removed before the top-k exactly as in dense search (``top_k_of_scores``).
+"""BM25 baseline (``retrieval.BM25Index``: bm25s, Lucene variant, k1 0.9, b 0.4) behind the same
+search interface as dense retrieval. Each query's full score vector is computed, so excluded
+documents are removed before the top-k exactly as in dense search (``retrieval.top_k_of_scores``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 
-from reasonembed_jax.evaluation.search import SearchResult, top_k_of_scores
+from reasonembed_jax.retrieval import BM25Index, SearchResult, top_k_of_scores
 
 
 class BM25Retriever:
@@ -39,38 +34,22 @@ class BM25Retriever:
         return {"model": "bm25", "library": "bm25s", "k1": self.k1, "b": self.b,
                 "stemmer": self.language, "stopwords": "en"}
 
-    def _tokenize(self, texts: Sequence[str], stemmer: object) -> list[list[str]]:
-        import bm25s
-
-        return bm25s.tokenize(list(texts), stopwords="en", stemmer=stemmer, return_ids=False,
-                              show_progress=False)
-
     def search(self, task: object, top_k: int) -> tuple[SearchResult, dict]:
         """Indexes ``task.corpus_texts``, ranks ``task.query_texts``; returns result + timings."""
-        import bm25s
-        import Stemmer
-
-        stemmer = Stemmer.Stemmer(self.language)
         started = time.perf_counter()
-        retriever = bm25s.BM25(k1=self.k1, b=self.b, method="lucene")
-        retriever.index(self._tokenize(task.corpus_texts, stemmer), show_progress=False)
+        index = BM25Index(task.corpus_texts, k1=self.k1, b=self.b, language=self.language)
         index_seconds = time.perf_counter() - started
         self.log(f"[{task.name}] BM25 index of {len(task.corpus_texts)} documents in "
                  f"{index_seconds:.2f} s")
 
         started = time.perf_counter()
-        query_tokens = self._tokenize(task.query_texts, stemmer)
         excluded = task.excluded_indices()
-        num_docs = len(task.corpus_texts)
+        queries = list(task.query_texts)
         parts = []
-        for start in range(0, len(query_tokens), self.query_batch_size):
-            batch = query_tokens[start : start + self.query_batch_size]
-            scores = np.zeros((len(batch), num_docs), dtype=np.float32)
-            for row, tokens in enumerate(batch):
-                if tokens:  # no indexed token: every document scores 0
-                    scores[row] = retriever.get_scores(tokens)
+        for start in range(0, len(queries), self.query_batch_size):
+            batch = queries[start : start + self.query_batch_size]
             parts.append(top_k_of_scores(
-                scores, top_k,
+                index.scores(batch), top_k,
                 excluded=None if excluded is None else excluded[start : start + len(batch)],
             ))
         result = SearchResult(

@@ -1,8 +1,9 @@
 """Evaluation pipeline shared by the CLI (``reasonembed_jax.evaluate``) and the trainer hook.
 
 ``evaluate_tasks`` is the single path: for every task a retriever produces a ``SearchResult``
-(dense: cached corpus encoding + ``exact_search``; BM25: ``top_k_of_scores``), which becomes a
-run and is scored by ``per_query_metrics``. The macro average is the unweighted mean over tasks.
+(dense: cached corpus encoding + ``exact_search``; BM25: ``retrieval.top_k_of_scores``), which
+becomes a run and is scored by ``per_query_metrics``. The macro average is the unweighted mean
+over tasks.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 from reasonembed_jax.evaluation.cache import Encoder, encode_corpus
 from reasonembed_jax.evaluation.datasets import RetrievalTask, load_data
 from reasonembed_jax.evaluation.metrics import DEFAULT_METRICS, mean_metrics, per_query_metrics
-from reasonembed_jax.evaluation.search import SearchResult, exact_search
+from reasonembed_jax.evaluation.search import exact_search
+from reasonembed_jax.retrieval import SearchResult
 
 EXPORT_CONTRACT = "DIR/export/latest/ holding config.json and model.safetensors[.index.json]"
 

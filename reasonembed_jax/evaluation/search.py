@@ -9,12 +9,12 @@ corpus size, and the host array may be a memory map.
 Excluded documents are set to ``-inf`` in a query's scores *before* any top-k, i.e. they are
 removed from the full score list (the BRIGHT reference order), so the k results returned are the
 k best non-excluded documents. Ties keep the lower document index (``jax.lax.top_k`` is stable
-and the merge keeps earlier chunks first).
+and the merge keeps earlier chunks first). Top-k of a precomputed score matrix (BM25) on the host,
+with the same rules: ``reasonembed_jax.retrieval.top_k_of_scores``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -24,34 +24,9 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from reasonembed_jax.retrieval import SearchResult
+
 NEG_INF = float("-inf")
-
-
-@dataclasses.dataclass(frozen=True)
-class SearchResult:
-    """Top-k per query: ``scores`` float32 ``[Q, k]`` (descending) and ``indices`` int64 ``[Q, k]``.
-
-    Entries with score ``-inf`` are not results (excluded documents or fewer than k candidates)
-    and are skipped by ``to_run``.
-    """
-
-    scores: np.ndarray
-    indices: np.ndarray
-
-    def to_run(
-        self, query_ids: Sequence[str], doc_ids: Sequence[str]
-    ) -> dict[str, dict[str, float]]:
-        """``{query_id: {doc_id: score}}`` with ``-inf`` entries dropped."""
-        if len(query_ids) != self.scores.shape[0]:
-            raise ValueError(f"{len(query_ids)} query ids for {self.scores.shape[0]} result rows")
-        run: dict[str, dict[str, float]] = {}
-        for qid, row_scores, row_indices in zip(query_ids, self.scores, self.indices, strict=True):
-            keep = np.isfinite(row_scores)
-            run[qid] = {
-                doc_ids[int(i)]: float(s)
-                for s, i in zip(row_scores[keep], row_indices[keep], strict=True)
-            }
-        return run
 
 
 def excluded_index_matrix(excluded: Sequence[Sequence[int]] | None, num_queries: int) -> np.ndarray:
@@ -225,44 +200,3 @@ def exact_search(
     scores = np.concatenate([np.asarray(s) for s, _ in best])[:num_queries]
     indices = np.concatenate([np.asarray(i) for _, i in best])[:num_queries].astype(np.int64)
     return SearchResult(scores=scores, indices=indices)
-
-
-@functools.lru_cache(maxsize=16)
-def _score_block_step(local_k: int):
-    def step(
-        best_scores: jax.Array, best_indices: jax.Array, scores: jax.Array, offset: jax.Array,
-        num_valid: jax.Array, excluded: jax.Array,
-    ) -> tuple[jax.Array, jax.Array]:
-        top = _mask_and_top_k(scores, offset, num_valid, excluded, local_k)
-        return _merge(best_scores, best_indices, *top)
-
-    return jax.jit(step, donate_argnums=(0, 1))
-
-
-def top_k_of_scores(
-    score_rows: np.ndarray,
-    top_k: int,
-    *,
-    excluded: Sequence[Sequence[int]] | None = None,
-    corpus_chunk_size: int = 65536,
-) -> SearchResult:
-    """Top-k of precomputed ``[Q, N]`` scores (e.g. BM25) with the same exclusion and tie rules
-    as ``exact_search`` (same masking and merge code, on the default device)."""
-    num_queries, num_docs = score_rows.shape
-    if num_docs == 0:
-        raise ValueError("the corpus is empty")
-    k = min(top_k, num_docs)
-    width = min(corpus_chunk_size, num_docs)
-    local_k = min(k, width)
-    step = _score_block_step(local_k)
-    excl = jnp.asarray(excluded_index_matrix(excluded, num_queries))
-    best = (
-        jnp.full((num_queries, k), NEG_INF, jnp.float32),
-        jnp.full((num_queries, k), -1, jnp.int32),
-    )
-    for offset in range(0, num_docs, width):
-        block = np.full((num_queries, width), NEG_INF, np.float32)
-        part = score_rows[:, offset : offset + width]
-        block[:, : part.shape[1]] = part
-        best = step(*best, jnp.asarray(block), jnp.int32(offset), jnp.int32(num_docs), excl)
-    return SearchResult(scores=np.asarray(best[0]), indices=np.asarray(best[1]).astype(np.int64))

@@ -14,6 +14,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from reasonembed_jax.retrieval import NV_METHODS
+
 MODEL_DEFAULTS: dict[str, Any] = {
     # "vllm": the offline engine in this process; "openai": an OpenAI-compatible HTTP server
     # (e.g. `vllm serve`).
@@ -276,7 +278,7 @@ def validate_config(config: Mapping[str, Any]) -> None:
         raise ConfigError("reasoning.mode must be 'reasoning' or 'query_plus_reasoning'")
     if config["reasoning"]["input"] not in ("split", "nv_negatives"):
         raise ConfigError("reasoning.input must be 'split' or 'nv_negatives'")
-    if config["nv_negatives"]["method"] not in ("perc_pos", "margin_pos"):
+    if config["nv_negatives"]["method"] not in NV_METHODS:
         raise ConfigError("nv_negatives.method must be 'perc_pos' or 'margin_pos'")
     split = config["split"]
     if not split["neg_min_score"] <= split["neg_max_score"] < split["pos_min_score"]:

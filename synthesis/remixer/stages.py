@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from reasonembed_jax import retrieval
 from remixer import prompts as P
 from remixer.backends import Backend, make_backend
 from remixer.store import (
@@ -471,13 +472,12 @@ def top_k_candidates(scores: np.ndarray, exclude: Sequence[int], usable: np.ndar
     """Top-``top_k`` corpus rows by ``scores`` (one query's cosines ``q . d``), skipping the
     ``exclude`` rows, rows not ``usable`` and rows scoring below ``min_score``. If fewer than
     ``top_k`` remain and ``pad_random``, random other usable rows fill the list (marked
-    padded). Returns (row, score, padded), best first, then the padding."""
+    padded). Returns (row, score, padded), best first (``retrieval.top_k_indices`` order), then
+    the padding."""
     allowed = usable.copy()
     allowed[list(exclude)] = False
-    valid = np.flatnonzero(allowed)
-    if min_score is not None:
-        valid = valid[scores[valid] >= min_score]
-    order = valid[np.argsort(-scores[valid], kind="stable")][:top_k]
+    ranked = allowed if min_score is None else allowed & (scores >= min_score)
+    order = retrieval.top_k_indices(scores, top_k, allowed=ranked)
     picked = [(int(i), float(scores[i]), False) for i in order]
     if len(picked) < top_k and pad_random:
         rest = np.setdiff1d(np.flatnonzero(allowed), order)
@@ -738,16 +738,11 @@ def run_split(ctx: Context) -> dict[str, Any]:
 
 def nv_threshold(positive_scores: Sequence[float], method: str, perc: float,
                  margin: float) -> float:
-    """The score a negative must stay below, with ``p = min(positive_scores)``:
-    TopK-PercPos ``perc * p``; TopK-MarginPos ``p - margin``."""
+    """``retrieval.nv_threshold`` of ``min(positive_scores)``: the score a negative must stay
+    below (TopK-PercPos ``perc * p``; TopK-MarginPos ``p - margin``)."""
     if not positive_scores:
         raise ValueError("positive-aware mining needs at least one positive score")
-    p = min(positive_scores)
-    if method == "perc_pos":
-        return perc * p
-    if method == "margin_pos":
-        return p - margin
-    raise ValueError(f"unknown method {method!r}")
+    return retrieval.nv_threshold(min(positive_scores), method, perc, margin)
 
 
 def positive_aware_negatives(candidates: Sequence[tuple[str, float]], positive_scores:
@@ -758,12 +753,10 @@ def positive_aware_negatives(candidates: Sequence[tuple[str, float]], positive_s
     removed): keep ``s < nv_threshold(...)``, then draw ``num_negatives`` without replacement
     from the ``filter_top`` best survivors (all of them if fewer), returned best first."""
     threshold = nv_threshold(positive_scores, method, perc, margin)
-    ranked = sorted(candidates, key=lambda c: -c[1])
-    kept = [c for c in ranked if c[1] < threshold][:filter_top]
-    if len(kept) <= num_negatives:
-        return kept
-    chosen = sorted(rng.choice(len(kept), size=num_negatives, replace=False))
-    return [kept[i] for i in chosen]
+    scores = np.array([s for _, s in candidates], dtype=np.float64)
+    kept = retrieval.top_k_indices(scores, filter_top, allowed=scores < threshold)
+    chosen = retrieval.draw_negatives(kept, num_negatives, sample_from_top=filter_top, rng=rng)
+    return [candidates[i] for i in chosen]
 
 
 def run_nv_negatives(ctx: Context) -> dict[str, Any]:
