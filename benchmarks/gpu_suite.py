@@ -120,12 +120,10 @@ def ours_last_token(folder, ids, mask, dtype):
     import jax
 
     from reasonembed_jax import hf_io
-    from reasonembed_jax.model.encoder import forward
-    from reasonembed_jax.model.pooling import finish_pooled
+    from reasonembed_jax.model.encoder import embed
 
     model = hf_io.load_encoder(folder, dtype=dtype)
-    fn = jax.jit(lambda p, i, m: finish_pooled(forward(model.config, p, i, m,
-                                                       last_token_only=True), normalize=True))
+    fn = jax.jit(lambda p, i, m: embed(model.config, p, i, m))
     return np.asarray(fn(model.params, ids, mask), np.float32)
 
 

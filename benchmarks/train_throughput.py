@@ -149,41 +149,11 @@ def torch_step_fn(model: Any, params: list[Any], batch: dict[str, Any], args: ar
 # -- ours -------------------------------------------------------------------------------------
 
 
-def last_token_embed_fn(cfg: Any, *, train: bool) -> Callable[..., Any]:
-    """``step.make_embed_fn`` with ``forward(..., last_token_only=True)``: the proposed
-    ``training/step.py`` change (the last layer computes only the pooled position)."""
-    from reasonembed_jax.lora import lora_project, with_dropout_keys
-    from reasonembed_jax.model.decoder import default_project
-    from reasonembed_jax.model.encoder import forward
-    from reasonembed_jax.model.pooling import finish_pooled
-
-    project = lora_project(cfg.lora, train=train) if cfg.lora is not None else default_project
-
-    def embed(trainable: Any, frozen: Any, ids: Any, mask: Any, key: Any) -> Any:
-        params = {**frozen, **trainable}
-        if cfg.lora is not None and train and cfg.lora.dropout > 0:
-            params = with_dropout_keys(params, key, cfg.model.num_layers)
-        pooled = forward(cfg.model, params, ids, mask, mesh=cfg.mesh, rules=cfg.rules,
-                         project=project, last_token_only=True)
-        return finish_pooled(pooled, normalize=True)
-
-    return embed
-
-
-def step_uses_last_token_forward() -> bool:
-    import inspect
-
-    from reasonembed_jax.training import step
-
-    return "last_token_only" in inspect.getsource(step.make_embed_fn)
-
-
 def jax_step_fn(model_dir: pathlib.Path, batch: dict[str, Any], args: argparse.Namespace,
-                lora_rank: int | None, last_token: bool = False, scan_layers: bool = True
+                lora_rank: int | None, scan_layers: bool = True
                 ) -> tuple[Callable[[], float], float]:
     """Our jitted, donated ``make_train_step`` on a one-device mesh; returns (step, flops).
-    ``last_token`` swaps in ``last_token_embed_fn`` while the step is traced; ``scan_layers``
-    False unrolls the layer loop (an ablation row)."""
+    ``scan_layers`` False unrolls the layer loop (an ablation row)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -214,15 +184,7 @@ def jax_step_fn(model_dir: pathlib.Path, batch: dict[str, Any], args: argparse.N
     holder = {"state": state}
 
     def step() -> float:
-        from reasonembed_jax.training import step as step_module
-
-        original = step_module.make_embed_fn
-        if last_token:
-            step_module.make_embed_fn = last_token_embed_fn
-        try:
-            holder["state"], metrics = train_step(holder["state"], frozen, device_batch)
-        finally:
-            step_module.make_embed_fn = original
+        holder["state"], metrics = train_step(holder["state"], frozen, device_batch)
         return float(metrics["loss"])  # blocks until the step is done
 
     flops = step_flops(mcfg, batch, grad_cache=False, uses_reasoning=False)
@@ -310,9 +272,6 @@ def main() -> None:
             if args.ablation:
                 impls["reasonembed-jax train_step, layers unrolled"], _ = jax_step_fn(
                     model_dir, batch, args, rank, scan_layers=False)
-            if not step_uses_last_token_forward():
-                impls["reasonembed-jax train_step, last-token-only forward (proposed)"], _ = (
-                    jax_step_fn(model_dir, batch, args, rank, last_token=True))
             loss0 = {k: f() for k, f in impls.items()}  # compile / warm-up, untimed
             times: dict[str, list[float]] = {k: [] for k in impls}
             for _ in range(args.steps):  # interleaved, so background load hits all alike
