@@ -142,30 +142,6 @@ def default_data_config() -> ml_collections.ConfigDict:
     return c
 
 
-def demo_data_config(tokenizer: str, **overrides: Any) -> ml_collections.ConfigDict:
-    """The shipped BRIGHT-derived demo records (``DEMO_DATA_DIR``), small CPU-friendly shapes.
-
-    Seven domains of 48 records; (G, per-device batch) = (4, 2) except robotics (8, 1) and
-    stackoverflow (2, 4), so the demo exercises per-domain shapes. Reasoning queries on.
-    """
-    c = default_data_config()
-    c.sources = (os.path.join(DEMO_DATA_DIR, "*.jsonl.gz"),)
-    c.tokenizer = tokenizer
-    c.group_size = 4
-    c.batch_size = 2
-    c.domains = ml_collections.ConfigDict({
-        "robotics": {"group_size": 8, "batch_size": 1},
-        "stackoverflow": {"group_size": 2, "batch_size": 4},
-    })
-    c.query_max_length = 128
-    c.passage_max_length = 256
-    c.reasoning_max_length = 128
-    c.use_reasoning_query = True
-    for key, value in overrides.items():
-        c[key] = value
-    return c
-
-
 @dataclasses.dataclass(frozen=True)
 class DomainSpec:
     """One domain as the pipeline runs it."""
