@@ -1,17 +1,18 @@
 """Throughput of the training-data pipeline with the real Qwen3 tokenizer and recipe-like shapes.
 
 Builds a temporary data set from BRIGHT texts (queries, reasoning, full gold answers as passages)
-with the recipe's three (group size, per-device batch) shapes -- (16, 8), (2, 64), (64, 2) -- so
-every global batch holds ``8 * num_devices * 16`` passages, and times the Grain iterator for a few
-steps at each worker count. Prints records/s (queries), passages/s, tokens/s (non-padding) and
-the trainer's consumption rate, which must stay below the pipeline's.
+with one domain per distinct (group size, per-device batch) shape of the recipe
+(``configs/common.py: RECIPE_DOMAIN_SHAPES``), so every global batch holds ``8 * num_devices * 16``
+passages, and times the Grain iterator for a few steps at each worker count. Prints records/s
+(queries), passages/s, tokens/s (non-padding) and the trainer's consumption rate, which must stay
+below the pipeline's.
 
     python benchmarks/data_throughput.py --num-devices 8 --worker-counts 0,1,2 \\
         --trainer-steps-per-sec <TRAINER RATE AT THE DEMO CONFIG>
 
-It also times ``demo_data_config()`` over the shipped demo records, the setting the trainer's rate
-is compared with. TRAINER RATE: pass ``--trainer-steps-per-sec`` (steps/s of the trainer at the
-demo config, same --num-devices) once the trainer exists; without it the column prints 'n/a'.
+It also times the data block of ``configs/demo.py`` (the demo's own data, its own device count),
+the setting the trainer's rate is compared with. TRAINER RATE: pass ``--trainer-steps-per-sec``
+(steps/s of the trainer at the demo config); without it the column prints 'n/a'.
 """
 
 from __future__ import annotations
@@ -30,11 +31,24 @@ import numpy as np
 from absl import flags
 
 from reasonembed_jax.data import build_pipeline
-from reasonembed_jax.data.pipeline import demo_data_config
+from reasonembed_jax.training.config import load_config_file, load_module
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("REASONEMBED_SHARED_DATA", REPO.parent / "shared" / "data"))
-RECIPE = {"stackexchange": (16, 8), "leetcode": (2, 64), "pony": (64, 2)}
+DEMO_CONFIG = REPO / "configs" / "demo.py"
+
+
+def recipe_shapes() -> dict[str, tuple[int, int]]:
+    """The first domain of each distinct (group size, per-device batch) of the recipe."""
+    shapes = load_module(REPO / "configs" / "common.py").RECIPE_DOMAIN_SHAPES
+    out: dict[str, tuple[int, int]] = {}
+    for domain, shape in shapes.items():
+        if shape not in out.values():
+            out[domain] = shape
+    return out
+
+
+RECIPE = recipe_shapes()
 
 
 def make_dataset(root: pathlib.Path, steps_per_domain: int, num_devices: int, seed: int) -> None:
@@ -87,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default=str(SHARED / "qwen3_tokenizer"))
     parser.add_argument("--settings", default="recipe,demo",
                         help="recipe: recipe shapes and lengths on generated data; demo: "
-                             "demo_data_config() on the shipped demo records")
+                             "configs/demo.py's data on the shipped demo records")
     parser.add_argument("--num-devices", type=int, default=8,
-                        help="devices the global batch is sized for (default %(default)s)")
+                        help="recipe setting: devices the global batch is sized for "
+                             "(default %(default)s; the demo setting keeps the demo's own)")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per setting")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed steps first (default: worker count + 1)")
@@ -98,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="recipe setting: query, passage and reasoning max length")
     parser.add_argument("--steps-per-domain", type=int, default=8,
                         help="recipe setting: global batches per domain and epoch")
-    # ---- TRAINER RATE: the lead fills this in once the trainer exists (steps/s of the trainer
-    # ---- at the demo config, same --num-devices); the table prints 'n/a' without it.
+    # ---- TRAINER RATE: steps/s of the trainer at the demo config; 'n/a' without it.
     parser.add_argument("--trainer-steps-per-sec", type=float, default=None,
                         help="TRAINER RATE (steps/s) at the demo config; 'n/a' when not given")
     args = parser.parse_args(argv)
@@ -107,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         flags.FLAGS.mark_as_parsed()
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     workers_list = [int(w) for w in args.worker_counts.split(",")]
+    demo = load_config_file(DEMO_CONFIG).data
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp)
@@ -122,24 +137,27 @@ def main(argv: list[str] | None = None) -> int:
                     "passage_max_length": args.max_length,
                     "reasoning_max_length": args.max_length,
                     "use_reasoning_query": True,
+                    "num_devices": args.num_devices,
                 }
             elif setting == "demo":
-                config = dict(demo_data_config(args.tokenizer).items())
+                config = {**demo.items(), "tokenizer": args.tokenizer}
             else:
                 raise SystemExit(f"unknown setting {setting!r}")
-            config.update(num_devices=args.num_devices, max_steps=10_000)
+            config["max_steps"] = 10_000
             for workers in workers_list:
                 warmup = args.warmup if args.warmup is not None else workers + 1
                 result = measure({**config, "worker_count": workers}, args.steps, warmup)
                 rows.append((setting, workers, result))
                 print(f"{setting} workers={workers}: {result}", file=sys.stderr, flush=True)
     print(f"\ndata pipeline throughput: {os.cpu_count()} CPU cores, Qwen3 tokenizer, "
-          f"{args.num_devices} devices, TOKENIZERS_PARALLELISM="
-          f"{os.environ.get('TOKENIZERS_PARALLELISM', 'unset')}")
-    print(f"  recipe: shapes {RECIPE} (1 positive + G-1 negatives; {16 * 8 * args.num_devices} "
-          f"passages/step), max length {args.max_length}, passages = full BRIGHT gold answers")
-    print("  demo:   demo_data_config() (G, batch/device) = (4, 2), robotics (8, 1), "
-          "stackoverflow (2, 4); lengths 128/256/128")
+          f"TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', 'unset')}")
+    group, batch = next(iter(RECIPE.values()))
+    print(f"  recipe: {args.num_devices} devices, shapes {RECIPE} (1 positive + G-1 negatives; "
+          f"{group * batch * args.num_devices} passages/step), max length {args.max_length}, "
+          "passages = full BRIGHT gold answers")
+    print(f"  demo:   configs/demo.py, {demo.num_devices} device(s), (G, batch/device) = "
+          f"({demo.group_size}, {demo.batch_size}), domains {demo.domains.to_dict()}; lengths "
+          f"{demo.query_max_length}/{demo.passage_max_length}/{demo.reasoning_max_length}")
     trainer = args.trainer_steps_per_sec
     header = (f"{'setting':>7} | {'workers':>7} | {'steps/s':>8} | {'records/s':>9} | "
               f"{'passages/s':>10} | {'tokens/s':>10} | {'trainer steps/s':>15} | "

@@ -33,23 +33,28 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+COMMON = ROOT / "configs" / "common.py"  # the recipe
 CONFIG = """
-from reasonembed_jax.training.recipes import reasonembed_config
+from reasonembed_jax.training.config import load_module
+
+common = load_module({common!r})
 
 def get_config(arg=None):
-    c = reasonembed_config({folder!r}, {variants!r})
+    c = common.reasonembed_config({folder!r}, {variants!r})
     devices = {devices}
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, devices, 1
-    g, b = 2, 64  # leetcode, the largest step of the recipe (512 queries, 1,024 passages)
+    g, b = common.RECIPE_DOMAIN_SHAPES["leetcode"]  # the largest step (512 queries, 1,024 passages)
     c.data.domains = {{"leetcode": {{"group_size": g, "batch_size": b * 8 // devices}}}}
     c.train.grad_cache_chunk = 8
     return c
 """
 ONE_DEVICE = """
-from reasonembed_jax.training.recipes import reasonembed_config
+from reasonembed_jax.training.config import load_module
+
+common = load_module({common!r})
 
 def get_config(arg=None):
-    c = reasonembed_config("Qwen3-8B", "gradcache")
+    c = common.reasonembed_config("Qwen3-8B", "gradcache")
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
     c.data.num_devices = 1
     c.data.domains = {{"gpu_suite_part3": {{"group_size": 16, "batch_size": 64}}}}
@@ -69,8 +74,8 @@ def plan(folder: str, variants: str, devices: int, config_text: str | None = Non
     """(peak, args, temp, CPU-only float32 weight copies, peak without them) in GiB/device."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = pathlib.Path(tmp) / "plan_config.py"
-        cfg.write_text(config_text or CONFIG.format(folder=folder, variants=variants,
-                                                    devices=devices))
+        cfg.write_text(config_text or CONFIG.format(common=str(COMMON), folder=folder,
+                                                    variants=variants, devices=devices))
         env = dict(os.environ, JAX_PLATFORMS="cpu",
                    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
         proc = subprocess.run([sys.executable, "-m", "reasonembed_jax.train", f"--config={cfg}",
@@ -87,7 +92,7 @@ def plan(folder: str, variants: str, devices: int, config_text: str | None = Non
 def one_device(chunk: int, budget: float) -> None:
     start = time.perf_counter()
     peak, arg_gib, temp, widened, less = plan("Qwen3-8B", "gradcache", 1,
-                                              ONE_DEVICE.format(chunk=chunk))
+                                              ONE_DEVICE.format(common=str(COMMON), chunk=chunk))
     print(f"gpu_suite part 3 on 1 device (Qwen3-8B, LoRA r=32, GradCache chunk {chunk}, 64 q + "
           f"64 reasoning + 1,024 passages x 512): peak {peak:.2f} GiB (args {arg_gib:.2f} + temp "
           f"{temp:.2f}), of which CPU-only float32 weight copies {widened:.2f}; without them "

@@ -12,12 +12,14 @@ whole run.
 
 from reasonembed_jax.data.pipeline import default_data_config
 from reasonembed_jax.real_models import MODELS, models_dir
-from reasonembed_jax.training.config import base_config
+from reasonembed_jax.training.config import base_config, parse_variants
 
+VARIANTS = ()  # none
 MAX_LENGTH = 64
 
 
 def get_config(arg: str | None = None):
+    parse_variants(arg, VARIANTS)
     c = base_config()
     c.model.init = "hf"
     c.model.hf_dir = MODELS["smollm2"].hf_dir(models_dir())

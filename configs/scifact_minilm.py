@@ -16,9 +16,10 @@ model's own dropout; AdamW lr 2e-5 (weight decay 0.01 on matrices) with 10% line
 linear decay; gradient clipping at 1.0; mean pooling; 256 tokens.
 """
 
-
 from reasonembed_jax.data.pipeline import default_data_config
-from reasonembed_jax.training.config import base_config
+from reasonembed_jax.training.config import base_config, parse_variants
+
+VARIANTS = ()  # none
 
 
 def minilm_dir() -> str:
@@ -32,6 +33,7 @@ def minilm_dir() -> str:
 
 
 def get_config(arg: str | None = None):
+    parse_variants(arg, VARIANTS)
     c = base_config()
     c.model.init = "hf"
     c.model.hf_dir = minilm_dir()

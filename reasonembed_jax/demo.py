@@ -1,6 +1,6 @@
 """The demo: train a tiny Qwen3 embedder on CPU, export it, and show that retrieval improved.
 
-    python -m reasonembed_jax.demo --workdir runs/demo [--config configs/demo.py[:lora]]
+    python -m reasonembed_jax.demo --workdir runs/demo [--config configs/demo.py[:lora,gradcache]]
 
 1. trains ``configs/demo.py`` (a 2-layer Qwen3 of width 64 with the real tokenizer, from
    scratch, RI-InfoNCE over the shipped BRIGHT-derived records; resumes if interrupted);

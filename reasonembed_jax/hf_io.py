@@ -1,4 +1,4 @@
-"""Hugging Face import and export for the decoder encoder.
+"""Hugging Face import and export for the encoder of either family (decoder LLMs, BERT).
 
 Import streams tensors from safetensors straight into their target sharding: every device shard
 is filled by a callback that reads only the layers and slices it needs, so an 8B model never has

@@ -1,4 +1,5 @@
-"""LoRA adapters on the decoder's projections: ``W x + (alpha / r) * B A dropout(x)``.
+"""LoRA adapters on the projections of either family (decoder or BERT):
+``W x + (alpha / r) * B A dropout(x)``.
 
 Adapters are extra stacked parameters next to the base ones, ``layers.<proj>.lora_a
 [L, *in, r]`` and ``layers.<proj>.lora_b [L, r, *out]``, so they scan with their layer and shard by

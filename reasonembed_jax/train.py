@@ -1,10 +1,11 @@
 """Train an embedder.
 
-    python -m reasonembed_jax.train --config configs/NAME.py[:ARG] --workdir DIR \
+    python -m reasonembed_jax.train --config configs/NAME.py[:ARG] --workdir DIR \\
         [--config.a.b=value ...] [--dry_run]
 
-The config file defines ``get_config(arg)`` returning an ``ml_collections.ConfigDict``; every
-field can be overridden on the command line and an unknown key is an error that names it.
+The config file defines ``get_config(arg)`` returning an ``ml_collections.ConfigDict``; ``ARG``
+lists the file's variants, comma-separated (an unknown one is an error naming the allowed ones);
+every field can be overridden on the command line and an unknown key is an error that names it.
 A restart with the same workdir resumes from the newest checkpoint. Exit codes: 0 finished,
 2 bad settings or input (one line), 75 stopped by SIGTERM after saving a checkpoint (requeue
 the same command), 1 a bug (traceback). ``--dry_run`` compiles the
@@ -20,6 +21,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -37,11 +39,28 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config"])
 
 
-def print_differences(spec: str, config: object) -> None:
+def config_differences(ours: ml_collections.ConfigDict, other: ml_collections.ConfigDict
+                       ) -> list[tuple[str, object, object]]:
+    """``(dotted field, ours, other)`` for every leaf that differs, in field order."""
+    def leaves(c: object, prefix: str = "") -> dict[str, object]:
+        if isinstance(c, ml_collections.ConfigDict):
+            out = {}
+            for k in c.keys():
+                out.update(leaves(c[k], f"{prefix}{k}."))
+            return out
+        if isinstance(c, dict):
+            return {prefix[:-1]: {k: dict(v) if isinstance(v, dict) else v for k, v in c.items()}}
+        return {prefix[:-1]: c}
+
+    a, b = leaves(ours), leaves(other)
+    return [(k, a.get(k), b.get(k)) for k in list(a) + [k for k in b if k not in a]
+            if a.get(k) != b.get(k)]
+
+
+def print_differences(spec: str, config: ml_collections.ConfigDict) -> None:
     """Prints every field where ``config`` (variants and overrides applied) differs from the
     config file's own default (``get_config(None)``: our recipe)."""
     from reasonembed_jax.training.config import load_config_file
-    from reasonembed_jax.training.recipes import config_differences
 
     path = spec.partition(":")[0]
     diffs = config_differences(load_config_file(path), config)

@@ -15,7 +15,7 @@ from reasonembed_jax import losses
 from reasonembed_jax.lora import LoraConfig, init_lora, lora_param_shapes
 from reasonembed_jax.model.encoder import config_from_hf
 from reasonembed_jax.tiny_model import shrink_hf_config
-from reasonembed_jax.training.recipes import AUTHORS_SETTINGS, config_differences
+from reasonembed_jax.train import config_differences
 from reasonembed_jax.training.step import (
     StepConfig,
     compute_loss,
@@ -23,7 +23,9 @@ from reasonembed_jax.training.step import (
     make_optimizer,
     plain_loss_and_grads,
 )
-from train_configs import load_config_file
+from train_configs import load_config_file, load_config_module
+
+AUTHORS_SETTINGS = load_config_module("common").AUTHORS_SETTINGS
 
 WORLD, B, G, D_IN, D = 8, 2, 3, 12, 6
 TAU = 0.05
@@ -287,6 +289,7 @@ def test_authors_variant_sets_every_listed_setting_and_nothing_else():
 
 
 def _released_folder(tmp_path, names):
+    """One file per name holding the demo's biology records twice (96: leetcode's batch is 64)."""
     import gzip
     import json
 
@@ -295,7 +298,7 @@ def _released_folder(tmp_path, names):
     folder = tmp_path / "reason-embed-data-0928"
     folder.mkdir()
     with gzip.open(f"{DEMO_DATA_DIR}/biology.jsonl.gz", "rt") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        records = [json.loads(line) for line in f if line.strip()] * 2
     for r in records:
         r.pop("domain", None)  # the file name says it
     for name in names:
@@ -304,21 +307,26 @@ def _released_folder(tmp_path, names):
     return folder
 
 
+def _recipe_data(folder, tokenizer):
+    """The ``authors`` variant's data block on ``folder``, with 32-token rows."""
+    c = load_config_file("reasonembed_qwen3_8b", "authors").data
+    c.sources = (str(folder),)
+    c.tokenizer = str(tokenizer)
+    c.query_max_length = c.passage_max_length = c.reasoning_max_length = 32
+    return c
+
+
 def test_released_folder_gives_each_file_its_domain_and_recipe_shape(tmp_path, qwen3_tokenizer_dir):
     from reasonembed_jax.data import build_pipeline
-    from reasonembed_jax.data.pipeline import default_data_config
 
-    folder = _released_folder(tmp_path, ["biology-formatted.jsonl", "earth-science-formatted.jsonl",
-                                         "pony-formatted.jsonl"])
-    c = default_data_config()
-    c.sources = (str(folder),)
-    c.tokenizer = str(qwen3_tokenizer_dir)
-    pipe = build_pipeline(c, process_index=0, process_count=1, num_devices=1)
-    shapes = {d.name: (d.group_size, d.batch_size, d.num_records) for d in pipe.domains}
-    # The paper's shapes (method.md section 4): (16, 8) for StackExchange domains, (64, 2) pony.
-    assert shapes == {"biology": (16, 8, 48), "earth_science": (16, 8, 48), "pony": (64, 2, 48)}
+    shapes = load_config_module("common").RECIPE_DOMAIN_SHAPES
+    folder = _released_folder(tmp_path, [f"{d.replace('_', '-')}-formatted.jsonl" for d in shapes])
+    pipe = build_pipeline(_recipe_data(folder, qwen3_tokenizer_dir), process_index=0,
+                          process_count=1, num_devices=1)
+    assert {d.name: (d.group_size, d.batch_size, d.num_records) for d in pipe.domains} == {
+        name: (g, b, 96) for name, (g, b) in shapes.items()}
     batch = pipe.batch_at(0)
-    g, b = (16, 8) if pipe.domain_names[int(batch["domain_index"])] != "pony" else (64, 2)
+    g, b = shapes[pipe.domain_names[int(batch["domain_index"])]]
     assert batch["passage_input_ids"].shape[0] == g * b
 
 
@@ -327,10 +335,13 @@ def test_released_folder_with_an_unknown_file_name_lists_known_domains(tmp_path,
     from reasonembed_jax.data.pipeline import default_data_config
 
     folder = _released_folder(tmp_path, ["biology-formatted.jsonl", "chemistry-formatted.jsonl"])
-    c = default_data_config()
-    c.sources = (str(folder),)
-    c.tokenizer = str(qwen3_tokenizer_dir)
     with pytest.raises(ValueError, match=r"chemistry-formatted.jsonl.*theoremqa_theorems"):
+        build_pipeline(_recipe_data(folder, qwen3_tokenizer_dir), process_index=0,
+                       process_count=1, num_devices=1)
+    # Without data.domains (not a recipe config) no file names a known domain.
+    c = default_data_config()
+    c.sources, c.tokenizer = (str(folder),), str(qwen3_tokenizer_dir)
+    with pytest.raises(ValueError, match=r"biology-formatted.jsonl.*name no domain of data.domains"):
         build_pipeline(c, process_index=0, process_count=1, num_devices=1)
 
 

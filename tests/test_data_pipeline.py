@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from reasonembed_jax.data import build_pipeline, iterator_state_to_bytes, restore_iterator_state
-from reasonembed_jax.data.pipeline import DEMO_DATA_DIR, demo_data_config
+from reasonembed_jax.data.pipeline import DEMO_DATA_DIR
 from reasonembed_jax.data.sources import write_array_record
 from reasonembed_jax.instructions import task_instruction
 from reasonembed_jax.text import format_query, load_tokenizer
+from train_configs import load_config_file
 
 NUM_DEVICES = 2
 # alpha: shapes from config; beta: from its records; gamma: config defaults.
@@ -280,14 +281,18 @@ def test_shipped_demo_data(qwen3_tokenizer_dir, tokenizer):
     total = sum(os.path.getsize(os.path.join(DEMO_DATA_DIR, f)) for f in files)
     assert total < 2 * 1024 * 1024
     assert "LICENSE.CC-BY-4.0.txt" in files and "README.md" in files
-    pipe = build_pipeline(demo_data_config(str(qwen3_tokenizer_dir)), process_index=0,
-                          process_count=1, num_devices=8)
+    data = load_config_file("demo").data  # the demo's data, as the demo and benchmark read it
+    data.tokenizer = str(qwen3_tokenizer_dir)
+    pipe = build_pipeline(data, process_index=0, process_count=1)
     assert len(pipe.domains) == 7 and pipe.stats.num_valid == 336 and pipe.stats.num_bad == 0
-    by_name = {d.name: d for d in pipe.domains}
-    assert (by_name["robotics"].group_size, by_name["robotics"].batch_size) == (8, 1)
+    shapes = {d.name: (d.group_size, d.batch_size) for d in pipe.domains}
+    assert shapes == {name: (data.domains[name].group_size, data.domains[name].batch_size)
+                      if name in data.domains else (data.group_size, data.batch_size)
+                      for name in shapes}
+    assert len(set(shapes.values())) == 3  # the demo exercises per-domain shapes
     for step in range(3):
         batch = pipe.batch_at(step)
         d = pipe.domains[int(batch["domain_index"])]
-        assert batch["passage_input_ids"].shape[0] == d.group_size * d.batch_size * 8
+        assert batch["passage_input_ids"].shape[0] == d.group_size * d.batch_size * data.num_devices
         text = tokenizer.decode(batch["query_input_ids"][0], skip_special_tokens=True)
         assert text.startswith(f"Instruct: {task_instruction(d.name)}\nQuery: ")

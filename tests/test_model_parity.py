@@ -1,4 +1,4 @@
-"""Numerical parity of the Flax decoder with HF transformers (PyTorch) on tiny random models."""
+"""Numerical parity of our decoder with HF transformers (PyTorch) on tiny random models."""
 
 import dataclasses
 

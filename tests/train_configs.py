@@ -1,4 +1,4 @@
-"""Small training configs for tests, derived from the shipped demo config."""
+"""The shipped config files for tests, and small training configs derived from the demo's."""
 
 from __future__ import annotations
 
@@ -7,12 +7,22 @@ import pathlib
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+# Every config file (common.py is what they share, not a config): tests enumerate these.
+CONFIG_NAMES = tuple(sorted(p.stem for p in CONFIGS.glob("*.py") if p.name != "common.py"))
 
 
 def load_config_file(name: str, arg: str | None = None):
     from reasonembed_jax.training import config
 
-    return config.load_config_file(f"{ROOT / 'configs' / name}.py" + (f":{arg}" if arg else ""))
+    return config.load_config_file(f"{CONFIGS / name}.py" + (f":{arg}" if arg else ""))
+
+
+def load_config_module(name: str):
+    """``configs/{name}.py`` as a module (``common``: the recipe constants)."""
+    from reasonembed_jax.training.config import load_module
+
+    return load_module(CONFIGS / f"{name}.py")
 
 
 def random_batch(b: int, g: int, t: int, seed: int) -> dict[str, np.ndarray]:

@@ -12,7 +12,6 @@ Importing this package does not import JAX (Grain worker processes import it too
 
 from reasonembed_jax.data.index import BAD_INPUT_KINDS, InputStats, classify_record_error
 from reasonembed_jax.data.pipeline import (
-    RECIPE_DOMAIN_SHAPES,
     DomainSpec,
     TrainingDataPipeline,
     build_pipeline,
@@ -25,7 +24,6 @@ from reasonembed_jax.data.sampling import epoch_plan, host_slice, sample_passage
 
 __all__ = [
     "BAD_INPUT_KINDS",
-    "RECIPE_DOMAIN_SHAPES",
     "DomainSpec",
     "InputStats",
     "TrainingDataPipeline",

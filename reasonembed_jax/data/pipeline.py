@@ -37,7 +37,7 @@ import math
 import os
 import threading
 import zlib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import grain
@@ -58,23 +58,6 @@ from reasonembed_jax.text import format_query, load_tokenizer, tokenize_texts
 
 log = logging.getLogger(__name__)
 
-# The ReasonEmbed recipe's (group size G, per-device batch): (16, 8) for StackExchange-style and
-# math domains, (2, 64) for leetcode, (64, 2) for pony.
-RECIPE_DOMAIN_SHAPES = {
-    "biology": (16, 8),
-    "earth_science": (16, 8),
-    "economics": (16, 8),
-    "psychology": (16, 8),
-    "robotics": (16, 8),
-    "stackoverflow": (16, 8),
-    "sustainable_living": (16, 8),
-    "aops": (16, 8),
-    "theoremqa_questions": (16, 8),
-    "theoremqa_theorems": (16, 8),
-    "leetcode": (2, 64),
-    "pony": (64, 2),
-}
-
 # The authors' released data (hanhainebula/reason-embed-data, folder reason-embed-data-0928) ships
 # one file per BRIGHT domain named "{domain}-formatted.jsonl".
 RELEASED_FILE_TAG = "-formatted"
@@ -85,10 +68,11 @@ def is_released_folder(spec: str) -> bool:
     return os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "dataset_info.json"))
 
 
-def released_folder_sources(directory: str) -> list[tuple[str, str]]:
+def released_folder_sources(directory: str, domains: Collection[str]) -> list[tuple[str, str]]:
     """``(path, domain)`` of every JSONL file of a folder laid out as the authors' release:
     ``{domain}-formatted.jsonl`` (``.gz`` allowed; ``-formatted`` optional; hyphens in the domain
-    read as underscores). Every file must name a domain of ``RECIPE_DOMAIN_SHAPES``."""
+    read as underscores). Every file must name one of ``domains`` (``data.domains``, which gives
+    its shape: the recipe configs list every domain of the release)."""
     names = sorted(n for n in os.listdir(directory) if n.endswith(JSONL_SUFFIXES))
     if not names:
         raise ValueError(f"data source folder {directory} holds no JSONL files "
@@ -99,14 +83,15 @@ def released_folder_sources(directory: str) -> list[tuple[str, str]]:
         if stem.endswith(RELEASED_FILE_TAG):
             stem = stem[: -len(RELEASED_FILE_TAG)]
         domain = stem.replace("-", "_")
-        if domain in RECIPE_DOMAIN_SHAPES:
+        if domain in domains:
             out.append((os.path.join(directory, name), domain))
         else:
             unknown.append(name)
     if unknown:
-        raise ValueError(f"data source folder {directory}: {unknown} name no known domain; files "
-                         f"must be {{domain}}{RELEASED_FILE_TAG}.jsonl with domain one of "
-                         f"{sorted(RECIPE_DOMAIN_SHAPES)}")
+        raise ValueError(f"data source folder {directory}: {unknown} name no domain of "
+                         f"data.domains; files must be {{domain}}{RELEASED_FILE_TAG}.jsonl with "
+                         f"domain one of {sorted(domains)} (the recipe configs set data.domains "
+                         "to every domain of the release)")
     return out
 
 
@@ -117,8 +102,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     """The ``config.data`` block with every field the pipeline reads, at its default."""
     c = ml_collections.ConfigDict()
     # Files: "[domain=]path" (path: .jsonl/.jsonl.gz/.array_record file, glob, or TFDS dir[:split]),
-    # or a plain folder in the authors' released layout ({domain}-formatted.jsonl per domain: the
-    # domain and its (group size, batch size) from RECIPE_DOMAIN_SHAPES).
+    # or a plain folder in the authors' released layout ({domain}-formatted.jsonl per domain, each
+    # domain one of data.domains).
     c.sources = ()
     c.domain_from_filename = True  # records without 'domain' take their file's stem
     # Per-domain overrides: {name: {group_size, batch_size, instruction}}; missing keys fall back
@@ -154,30 +139,6 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.worker_buffer_size = 2
     c.read_threads = 1
     c.return_record_index = False
-    return c
-
-
-def demo_data_config(tokenizer: str, **overrides: Any) -> ml_collections.ConfigDict:
-    """The shipped BRIGHT-derived demo records (``DEMO_DATA_DIR``), small CPU-friendly shapes.
-
-    Seven domains of 48 records; (G, per-device batch) = (4, 2) except robotics (8, 1) and
-    stackoverflow (2, 4), so the demo exercises per-domain shapes. Reasoning queries on.
-    """
-    c = default_data_config()
-    c.sources = (os.path.join(DEMO_DATA_DIR, "*.jsonl.gz"),)
-    c.tokenizer = tokenizer
-    c.group_size = 4
-    c.batch_size = 2
-    c.domains = ml_collections.ConfigDict({
-        "robotics": {"group_size": 8, "batch_size": 1},
-        "stackoverflow": {"group_size": 2, "batch_size": 4},
-    })
-    c.query_max_length = 128
-    c.passage_max_length = 256
-    c.reasoning_max_length = 128
-    c.use_reasoning_query = True
-    for key, value in overrides.items():
-        c[key] = value
     return c
 
 
@@ -419,13 +380,12 @@ class TrainingDataPipeline:
         falls_back = config.missing_reasoning_query == "query"
         sources: list[RecordSource] = []
         assigned: list[str | None] = []
-        released: set[str] = set()  # domains read from a released-layout folder
+        overrides = dict(config.domains) if config.domains else {}
         for spec_text in config.sources:
             if is_released_folder(spec_text):
-                for path, domain in released_folder_sources(spec_text):
+                for path, domain in released_folder_sources(spec_text, overrides):
                     sources.append(open_source(path))
                     assigned.append(domain)
-                    released.add(domain)
                 continue
             spec = parse_source_spec(spec_text)
             for path in spec.paths:
@@ -447,7 +407,6 @@ class TrainingDataPipeline:
         if not self.index.domains:
             raise ValueError(f"no valid training record in {list(config.sources)}:\n"
                              f"{self.index.stats.summary()}")
-        overrides = dict(config.domains) if config.domains else {}
         unknown = sorted(set(overrides) - {d.name for d in self.index.domains})
         if unknown:
             raise ValueError(f"data.domains names domains with no records: {unknown}")
@@ -458,15 +417,11 @@ class TrainingDataPipeline:
             if bad_keys:
                 raise ValueError(f"data.domains.{d.name} has unknown fields {bad_keys} "
                                  "(expected group_size, batch_size, instruction)")
-            # data.domains, then the records' own fields, then (released folders) the recipe's
-            # table, then the defaults.
-            table = RECIPE_DOMAIN_SHAPES.get(d.name) if d.name in released else None
+            # data.domains, then the records' own fields, then the defaults.
             group = o.get("group_size") or _single(d.record_group_sizes, d.name,
-                                                  "train_group_size") or (
-                table[0] if table else config.group_size)
+                                                  "train_group_size") or config.group_size
             batch = o.get("batch_size") or _single(d.record_batch_sizes, d.name,
-                                                  "batch_size") or (
-                table[1] if table else config.batch_size)
+                                                  "batch_size") or config.batch_size
             global_batch = int(batch) * num_devices
             host = sampling.host_slice(global_batch, process_index, process_count)
             steps = len(d.record_keys) // global_batch

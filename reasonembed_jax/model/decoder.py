@@ -1,4 +1,5 @@
-"""The decoder backbone (Qwen3 / Qwen2 / Llama-3.x) as a Flax NNX module, used as an encoder.
+"""The decoder backbone (Qwen3 / Qwen2 / Llama-3.x) as pure functions over its parameter table,
+used as an encoder (``decoder_forward``).
 
 Per-layer parameters are stacked on a leading ``layers`` axis and the layer function is run with
 ``jax.lax.scan`` (one compiled layer for 36 layers) or an unrolled loop. Every parameter and the

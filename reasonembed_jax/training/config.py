@@ -1,8 +1,9 @@
 """The training configuration: one ``ml_collections.ConfigDict`` with small, typed groups.
 
 Config files in ``configs/`` call ``base_config()`` and change what their recipe needs; the
-command line overrides any field (``--config.optim.learning_rate=3e-5``); an unknown key is an
-error naming it (the dict is locked).
+variants after ``path:`` go through ``parse_variants`` (an unknown one is an error); the command
+line overrides any field (``--config.optim.learning_rate=3e-5``); an unknown key is an error
+naming it (the dict is locked).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import importlib.util
 import math
 import numbers
 import os
+import types
+from collections.abc import Iterable
 from typing import Any
 
 import ml_collections
@@ -21,14 +24,36 @@ from reasonembed_jax.lora import PROJECTIONS
 from reasonembed_jax.model.sharding import RULE_SETS, check_rules
 
 
+def load_module(path: str | os.PathLike) -> types.ModuleType:
+    """The Python file at ``path`` run as a fresh module (not added to ``sys.modules``). Config
+    files are loaded this way, and load ``configs/common.py`` this way too, by its path next to
+    their own ``__file__``: the configs folder is not a package and need not be on ``sys.path``."""
+    path = os.fspath(path)
+    spec = importlib.util.spec_from_file_location(
+        f"config_{os.path.splitext(os.path.basename(path))[0]}", path)
+    if spec is None:
+        raise FileNotFoundError(f"not a Python file: {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_config_file(spec: str | os.PathLike) -> ml_collections.ConfigDict:
     """``get_config(arg)`` of a config file given as ``path[:arg]`` (the ``--config`` syntax)."""
     path, _, arg = os.fspath(spec).partition(":")
-    module_spec = importlib.util.spec_from_file_location(
-        f"config_{os.path.splitext(os.path.basename(path))[0]}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    return load_module(path).get_config(arg or None)
+
+
+def parse_variants(arg: str | None, allowed: Iterable[str]) -> frozenset[str]:
+    """The variants in a config file's ``arg`` (``path:lora,gradcache``: comma-separated names).
+    A name not in ``allowed`` is a ``ValueError`` naming it and the allowed ones."""
+    allowed = tuple(allowed)
+    variants = frozenset(v.strip() for v in (arg or "").split(",")) - {""}
+    unknown = sorted(variants - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown config variant(s) {', '.join(map(repr, unknown))}; this config "
+                         f"takes {', '.join(allowed) if allowed else 'no variants'}")
+    return variants
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -1,4 +1,12 @@
-"""The ReasonEmbed recipe (method.md section 4) as a config builder shared by the recipe files."""
+"""What the config files share: the shared-data folder and the ReasonEmbed recipe (method.md
+section 4), its per-domain shapes, variants and the authors' settings. Not a config file itself.
+
+Config files load it by path next to themselves (``configs/`` is no package)::
+
+    common = load_module(pathlib.Path(__file__).with_name("common.py"))
+
+and so do tests and benchmarks (``load_module(REPO / "configs" / "common.py")``).
+"""
 
 from __future__ import annotations
 
@@ -6,25 +14,39 @@ import os
 
 import ml_collections
 
-from reasonembed_jax.data.pipeline import RECIPE_DOMAIN_SHAPES
-from reasonembed_jax.training.config import base_config
+from reasonembed_jax.training.config import base_config, parse_variants
 
 SHARED = os.environ.get("REASONEMBED_SHARED_DATA", "../shared/data")
+
+# The recipe's (group size G, per-device batch) per BRIGHT domain: (16, 8) for StackExchange-style
+# and math domains, (2, 64) for leetcode, (64, 2) for pony. The recipe configs put it in
+# data.domains; a folder in the authors' released layout must name one of these domains per file.
+RECIPE_DOMAIN_SHAPES = {
+    "biology": (16, 8),
+    "earth_science": (16, 8),
+    "economics": (16, 8),
+    "psychology": (16, 8),
+    "robotics": (16, 8),
+    "stackoverflow": (16, 8),
+    "sustainable_living": (16, 8),
+    "aops": (16, 8),
+    "theoremqa_questions": (16, 8),
+    "theoremqa_theorems": (16, 8),
+    "leetcode": (2, 64),
+    "pony": (64, 2),
+}
+
+# full: full fine-tuning instead of LoRA; gradcache: GradCache with 8-row chunks; infonce: basic
+# InfoNCE instead of RI-InfoNCE; fsdp: parameters and optimizer state sharded over all devices;
+# authors: every setting as the authors' released run had it (AUTHORS_SETTINGS).
+RECIPE_VARIANTS = ("full", "gradcache", "infonce", "fsdp", "authors")
 
 
 def reasonembed_config(model_folder: str, arg: str | None) -> ml_collections.ConfigDict:
     """ReasonEmbed on ``model_folder`` (a name under shared/data/hf_configs, used until
-    ``--config.model.hf_dir`` names the stage-1 checkpoint to start from).
-
-    ``arg`` is a comma-separated list of variants: ``full`` (full fine-tuning instead of LoRA),
-    ``gradcache`` (GradCache with 8-row chunks), ``infonce`` (basic InfoNCE instead of
-    RI-InfoNCE), ``fsdp`` (shard parameters and optimizer state over all devices), ``authors``
-    (every setting as the authors' released run had it: ``AUTHORS_SETTINGS``).
-    """
-    variants = set(filter(None, (arg or "").split(",")))
-    unknown = variants - {"full", "gradcache", "infonce", "fsdp", "authors"}
-    if unknown:
-        raise ValueError(f"unknown recipe variants {sorted(unknown)}")
+    ``--config.model.hf_dir`` names the stage-1 checkpoint to start from); ``arg``: a
+    comma-separated list of ``RECIPE_VARIANTS``."""
+    variants = parse_variants(arg, RECIPE_VARIANTS)
     c = base_config()
     c.model.init = "hf"
     c.model.hf_dir = os.path.join(SHARED, "hf_configs", model_folder)
@@ -45,7 +67,7 @@ def reasonembed_config(model_folder: str, arg: str | None) -> ml_collections.Con
     c.train.grad_cache_chunk = 8
     c.train.checkpoint_every = 500
     if "fsdp" in variants:
-        c.mesh.data, c.mesh.fsdp = 1, -1
+        c.mesh.rules = "fsdp"  # parameters sharded over the data axis (model.sharding.FSDP_RULES)
     c.data.sources = ("/data/reasonembed/*.jsonl.gz",)
     c.data.tokenizer = c.model.hf_dir
     c.data.domains = {name: {"group_size": g, "batch_size": b}
@@ -87,24 +109,6 @@ AUTHORS_SETTINGS = {
         "a function of the parameters only"),
     "data.sources": (
         ("/data/reason-embed-data/reason-embed-data-0928",),
-        "the released folder of {domain}-formatted.jsonl files (domain and shapes from the file "
-        "names); ours names record files"),
+        "the released folder of {domain}-formatted.jsonl files (each file's domain from its "
+        "name, its shape from data.domains); ours names record files"),
 }
-
-
-def config_differences(ours: ml_collections.ConfigDict, other: ml_collections.ConfigDict
-                       ) -> list[tuple[str, object, object]]:
-    """``(dotted field, ours, other)`` for every leaf that differs, in field order."""
-    def leaves(c: object, prefix: str = "") -> dict[str, object]:
-        if isinstance(c, ml_collections.ConfigDict):
-            out = {}
-            for k in c.keys():
-                out.update(leaves(c[k], f"{prefix}{k}."))
-            return out
-        if isinstance(c, dict):
-            return {prefix[:-1]: {k: dict(v) if isinstance(v, dict) else v for k, v in c.items()}}
-        return {prefix[:-1]: c}
-
-    a, b = leaves(ours), leaves(other)
-    return [(k, a.get(k), b.get(k)) for k in list(a) + [k for k in b if k not in a]
-            if a.get(k) != b.get(k)]
