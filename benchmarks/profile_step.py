@@ -66,31 +66,10 @@ def ours(model_dir: pathlib.Path, batch: dict, args: argparse.Namespace, rank: i
     import jax.numpy as jnp
     import optax
 
-    from reasonembed_jax.hf_io import load_hf_params
-    from reasonembed_jax.lora import LoraConfig, init_lora
-    from reasonembed_jax.model.config import DecoderConfig
-    from reasonembed_jax.training.step import (
-        StepConfig,
-        make_embed_fn,
-        make_optimizer,
-        make_train_step,
-        plain_loss_and_grads,
-    )
+    from reasonembed_jax.training.step import make_embed_fn, make_train_step, plain_loss_and_grads
 
-    mcfg = DecoderConfig.from_hf_dir(model_dir, dtype="float32", param_dtype="float32",
-                                     remat_policy="none", scan_layers=not args.unrolled)
-    base = load_hf_params(model_dir, mcfg)
-    lora = None
-    if rank is not None:
-        lora = LoraConfig(rank=rank, alpha=2.0 * rank, dropout=0.0)
-        trainable, frozen = init_lora(mcfg, lora, jax.random.key(1)), base
-    else:
-        trainable, frozen = base, {}
-    cfg = StepConfig(model=mcfg, loss="infonce", temperature=args.temperature, lora=lora)
-    optimizer = make_optimizer(args.lr, weight_decay=0.0, clip_norm=1.0)
-    state = {"step": jnp.zeros((), jnp.int32), "params": trainable,
-             "opt_state": jax.jit(optimizer.init)(trainable),
-             "rng": jax.random.key_data(jax.random.key(2))}
+    cfg, optimizer, state, frozen = tt.jax_state(model_dir, args, rank,
+                                                 scan_layers=not args.unrolled)
     device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
     embed = make_embed_fn(cfg, train=False)
     key = state["rng"]
@@ -156,9 +135,8 @@ def theirs(model_dir: pathlib.Path, model_cls: Any, batch: dict, args: argparse.
         p = embed(t["passage_input_ids"], t["passage_attention_mask"])
         torch.nn.functional.cross_entropy(q @ p.T / args.temperature, targets).backward()
 
-    args_ns = argparse.Namespace(**{**vars(args), "weight_decay": 0.0})
     return {"forward": forward, "forward + backward": forward_backward,
-            "whole step": tt.torch_step_fn(ref, params, batch, args_ns, torch.float32)}
+            "whole step": tt.torch_step_fn(ref, params, batch, args, torch.float32)}
 
 
 def hlo_kinds(hlo_text: str) -> dict[str, str]:
@@ -224,27 +202,17 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-trace", action="store_true", help="timers only")
+    p.add_argument("--dtype", default="float32", choices=["float32"], help=argparse.SUPPRESS)
+    p.add_argument("--weight-decay", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args()
 
     import torch
-    from transformers import AutoModel, Qwen3Config, Qwen3Model
 
     print(load_line(), f"| torch threads {torch.get_num_threads()}", flush=True)
     batch = tt.make_batch(args)
     rank = None if args.full else args.lora_rank
     with tempfile.TemporaryDirectory() as tmp:
-        if args.hf_dir:
-            model_dir, model_cls = pathlib.Path(args.hf_dir), AutoModel
-        else:
-            cfg = json.loads((tt.SHARED / "hf_configs" / "Qwen3-0.6B" / "config.json").read_text())
-            cfg.update(hidden_size=args.hidden, intermediate_size=3 * args.hidden,
-                       vocab_size=args.vocab, num_hidden_layers=args.layers,
-                       num_attention_heads=args.hidden // 64,
-                       num_key_value_heads=max(args.hidden // 128, 1), head_dim=64,
-                       tie_word_embeddings=False)
-            model_dir, model_cls = pathlib.Path(tmp) / "model", Qwen3Model
-            torch.manual_seed(0)
-            Qwen3Model(Qwen3Config(**cfg)).save_pretrained(model_dir)
+        model_dir, model_cls = tt.model_folder(args, tmp)
         a = ours(model_dir, batch, args, rank)
         b = theirs(model_dir, model_cls, batch, args, rank)
         phases = ("forward", "forward + backward", "whole step")

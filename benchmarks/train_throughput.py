@@ -149,20 +149,17 @@ def torch_step_fn(model: Any, params: list[Any], batch: dict[str, Any], args: ar
 # -- ours -------------------------------------------------------------------------------------
 
 
-def jax_step_fn(model_dir: pathlib.Path, batch: dict[str, Any], args: argparse.Namespace,
-                lora_rank: int | None, scan_layers: bool = True
-                ) -> tuple[Callable[[], float], float]:
-    """Our jitted, donated ``make_train_step`` on a one-device mesh; returns (step, flops).
-    ``scan_layers`` False unrolls the layer loop (an ablation row)."""
+def jax_state(model_dir: pathlib.Path, args: argparse.Namespace, lora_rank: int | None,
+              scan_layers: bool = True) -> tuple[Any, Any, dict, dict]:
+    """Our step settings, optimizer, initial train state and frozen weights for ``model_dir``
+    (float32 master weights, no remat; LoRA r=``lora_rank`` or full fine-tuning)."""
     import jax
     import jax.numpy as jnp
-    import optax
 
     from reasonembed_jax.hf_io import load_hf_params
     from reasonembed_jax.lora import LoraConfig, init_lora
     from reasonembed_jax.model.config import DecoderConfig
-    from reasonembed_jax.training.flops import step_flops
-    from reasonembed_jax.training.step import StepConfig, make_optimizer, make_train_step
+    from reasonembed_jax.training.step import StepConfig, make_optimizer
 
     mcfg = DecoderConfig.from_hf_dir(model_dir, dtype=args.dtype, param_dtype="float32",
                                      remat_policy="none", scan_layers=scan_layers)
@@ -178,6 +175,42 @@ def jax_step_fn(model_dir: pathlib.Path, batch: dict[str, Any], args: argparse.N
     state = {"step": jnp.zeros((), jnp.int32), "params": trainable,
              "opt_state": jax.jit(optimizer.init)(trainable),
              "rng": jax.random.key_data(jax.random.key(2))}
+    return cfg, optimizer, state, frozen
+
+
+def model_folder(args: argparse.Namespace, tmp: str) -> tuple[pathlib.Path, Any]:
+    """(folder, HF class) of the benchmark's model: ``--hf-dir``, or a random Qwen3 of
+    ``--hidden``/``--layers``/``--vocab`` saved under ``tmp`` (torch seed 0)."""
+    import torch
+    from transformers import AutoModel, Qwen3Config, Qwen3Model
+
+    if args.hf_dir:
+        return pathlib.Path(args.hf_dir), AutoModel
+    cfg = json.loads((SHARED / "hf_configs" / "Qwen3-0.6B" / "config.json").read_text())
+    cfg.update(hidden_size=args.hidden, intermediate_size=3 * args.hidden, vocab_size=args.vocab,
+               num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+               num_key_value_heads=max(args.hidden // 128, 1), head_dim=64,
+               tie_word_embeddings=False)
+    model_dir = pathlib.Path(tmp) / "model"
+    torch.manual_seed(0)
+    Qwen3Model(Qwen3Config(**cfg)).save_pretrained(model_dir)
+    return model_dir, Qwen3Model
+
+
+def jax_step_fn(model_dir: pathlib.Path, batch: dict[str, Any], args: argparse.Namespace,
+                lora_rank: int | None, scan_layers: bool = True
+                ) -> tuple[Callable[[], float], float]:
+    """Our jitted, donated ``make_train_step`` on a one-device mesh; returns (step, flops).
+    ``scan_layers`` False unrolls the layer loop (an ablation row)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from reasonembed_jax.training.flops import step_flops
+    from reasonembed_jax.training.step import make_train_step
+
+    cfg, optimizer, state, frozen = jax_state(model_dir, args, lora_rank, scan_layers)
+    mcfg = cfg.model
     train_step = jax.jit(make_train_step(cfg, optimizer, optax.constant_schedule(args.lr)),
                          donate_argnums=(0,))
     device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
@@ -228,7 +261,6 @@ def main() -> None:
 
     import numpy as np
     import torch
-    from transformers import AutoModel, Qwen3Config, Qwen3Model
 
     load_before = os.getloadavg()
     if load_before[0] > 0.5 * (os.cpu_count() or 1):
@@ -236,11 +268,6 @@ def main() -> None:
               "run: the machine is busy, the figures below are not quiet-machine figures")
 
     torch_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    cfg = json.loads((SHARED / "hf_configs" / "Qwen3-0.6B" / "config.json").read_text())
-    cfg.update(hidden_size=args.hidden, intermediate_size=3 * args.hidden, vocab_size=args.vocab,
-               num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-               num_key_value_heads=max(args.hidden // 128, 1), head_dim=64,
-               tie_word_embeddings=False)
     batch = make_batch(args)
     tokens = sum(batch[k].size for k in batch if k.endswith("input_ids"))
     real = sum(int(batch[k].sum()) for k in batch if k.endswith("attention_mask"))
@@ -249,14 +276,7 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        if args.hf_dir:
-            model_dir = pathlib.Path(args.hf_dir)
-            model_cls = AutoModel
-        else:
-            model_dir = pathlib.Path(tmp) / "model"
-            torch.manual_seed(0)
-            Qwen3Model(Qwen3Config(**cfg)).save_pretrained(model_dir)
-            model_cls = Qwen3Model
+        model_dir, model_cls = model_folder(args, tmp)
         variants = ([] if args.no_full else [("full", None)]) + (
             [] if args.no_lora else [("LoRA", args.lora_rank)])
         for name, rank in variants:
