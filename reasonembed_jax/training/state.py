@@ -273,13 +273,10 @@ def init_state(setup: Setup, optimizer: optax.GradientTransformation) -> tuple[d
         frozen = base
     else:
         trainable, frozen = split_trainable(setup.model_cfg, base)
-    shardings = _shardings(state_shapes)
-    state = {
-        "step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]),
-        "params": trainable,  # already in their shardings: not copied
-        "opt_state": jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(trainable),
-        "rng": jax.device_put(jax.random.key_data(jax.random.key(seed + 2)), shardings["rng"]),
-    }
+    # The same function abstract_state traced, now run into its shardings; the parameters are
+    # donated, so they are aliased, not copied.
+    state = jax.jit(lambda t: _fresh_state(t, optimizer, seed),
+                    out_shardings=_shardings(state_shapes), donate_argnums=(0,))(trainable)
     return state, frozen
 
 
