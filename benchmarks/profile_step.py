@@ -47,11 +47,14 @@ KINDS = (
 )
 
 
-def load_line() -> str:
+def load_line(before_work: bool = False) -> str:
+    """Load average and cores; before the work starts, a load above half the cores is flagged
+    (afterwards the figure includes this job's own two busy cores)."""
     one, five, _ = os.getloadavg()
-    busy = "  ** busy machine: figures below are not quiet-machine figures **" if one > 1.2 * (
-        os.cpu_count() or 1) - 0.5 else ""
-    return f"load average {one:.2f} (1 min) {five:.2f} (5 min), {os.cpu_count()} cores{busy}"
+    cores = os.cpu_count() or 1
+    busy = ("  ** busy machine before the run: not quiet-machine figures **"
+            if before_work and one > 0.5 * cores else "")
+    return f"load average {one:.2f} (1 min) {five:.2f} (5 min), {cores} cores{busy}"
 
 
 def median_range(values: list[float]) -> str:
@@ -208,7 +211,8 @@ def main() -> None:
 
     import torch
 
-    print(load_line(), f"| torch threads {torch.get_num_threads()}", flush=True)
+    print("before:", load_line(before_work=True), f"| torch threads {torch.get_num_threads()}",
+          flush=True)
     batch = tt.make_batch(args)
     rank = None if args.full else args.lora_rank
     with tempfile.TemporaryDirectory() as tmp:
@@ -235,7 +239,7 @@ def main() -> None:
             o, t = sorted(times["ours", ph]), sorted(times["torch", ph])
             print(f"{ph:<22}{median_range(o):>24}{median_range(t):>24}"
                   f"{t[len(t) // 2] / o[len(o) // 2]:>11.2f}x")
-        print(f"ours: step compile {a['compile_s']:.1f} s; {load_line()}")
+        print(f"ours: step compile {a['compile_s']:.1f} s; after: {load_line()}")
         if args.no_trace:
             return
         top, kinds = jax_profile(a["whole step"], a["compiled"], 2)
