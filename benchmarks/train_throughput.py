@@ -175,6 +175,9 @@ def jax_state(model_dir: pathlib.Path, args: argparse.Namespace, lora_rank: int 
     state = {"step": jnp.zeros((), jnp.int32), "params": trainable,
              "opt_state": jax.jit(optimizer.init)(trainable),
              "rng": jax.random.key_data(jax.random.key(2))}
+    # Committed to the device, as the step's outputs are: an uncommitted initial state made the
+    # second call compile the whole step again (12 s inside the first timed step).
+    state = jax.device_put(state, jax.devices()[0])
     return cfg, optimizer, state, frozen
 
 
