@@ -284,5 +284,8 @@ def merged_params(setup: Setup, state: dict, frozen: dict) -> dict[str, jax.Arra
     """The full parameter table of a train state (LoRA folded into the base weights)."""
     if setup.lora is None:
         return {**frozen, **state["params"]}
-    lora = setup.lora
-    return jax.jit(lambda b, a: merge_lora(b, a, lora))(frozen, state["params"])
+    return _merge_lora(frozen, state["params"], setup.lora)
+
+
+# One compiled merge per (shapes, LoRA settings): evaluation calls it every ``eval.every`` steps.
+_merge_lora = jax.jit(merge_lora, static_argnums=(2,))

@@ -106,9 +106,12 @@ class Trainer:
         self.config = config
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
-        self.mesh, self.model_cfg = self.setup.mesh, self.setup.model_cfg
-        self.lora, self.step_cfg = self.setup.lora, self.setup.step_cfg
         self._run_record: dict[str, Any] = {}
+
+    mesh = property(lambda self: self.setup.mesh)
+    model_cfg = property(lambda self: self.setup.model_cfg)
+    lora = property(lambda self: self.setup.lora)
+    step_cfg = property(lambda self: self.setup.step_cfg)
 
     def _initial_state(self, optimizer: Any) -> tuple[dict, dict]:
         return init_state(self.setup, optimizer)
