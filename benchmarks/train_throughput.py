@@ -35,6 +35,8 @@ from collections.abc import Callable
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from bench_common import interleave, machine_line, median_range, warn_if_busy  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -265,10 +267,8 @@ def main() -> None:
     import numpy as np
     import torch
 
-    load_before = os.getloadavg()
-    if load_before[0] > 0.5 * (os.cpu_count() or 1):
-        print(f"WARNING: load average {load_before[0]:.1f} on {os.cpu_count()} cores before the "
-              "run: the machine is busy, the figures below are not quiet-machine figures")
+    before = machine_line()
+    warn_if_busy()
 
     torch_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     batch = make_batch(args)
@@ -296,12 +296,7 @@ def main() -> None:
                 impls["reasonembed-jax train_step, layers unrolled"], _ = jax_step_fn(
                     model_dir, batch, args, rank, scan_layers=False)
             loss0 = {k: f() for k, f in impls.items()}  # compile / warm-up, untimed
-            times: dict[str, list[float]] = {k: [] for k in impls}
-            for _ in range(args.steps):  # interleaved, so background load hits all alike
-                for k, f in impls.items():
-                    start = time.perf_counter()
-                    f()
-                    times[k].append(time.perf_counter() - start)
+            times = interleave(impls, args.steps)
             rows.append((name, rank, flops, times, loss0))
             del ref, params, impls
 
@@ -312,9 +307,7 @@ def main() -> None:
           f"{args.group} passages x {args.passage_len} tok = {tokens} positions ({real} real), "
           f"InfoNCE tau {args.temperature}, AdamW, {args.dtype}, median (min-max) of "
           f"{args.steps} interleaved steps, torch threads {torch.get_num_threads()}")
-    load_after = os.getloadavg()
-    print(f"machine: {os.cpu_count()} cores; load average before {load_before[0]:.2f}, after "
-          f"{load_after[0]:.2f} (1 min)")
+    print(f"before: {before}\nafter:  {machine_line()}")
     print(f"measured fp32 matmul peak ({args.peak_size}^3): jax {peak_j:.1f} GFLOP/s, torch "
           f"{peak_t:.1f} GFLOP/s -> MFU denominator {peak / 1e9:.1f} GFLOP/s")
     print("| training | implementation | step (s), median (min-max) | tokens/s | model GFLOP/s | "
@@ -327,7 +320,7 @@ def main() -> None:
         ref_s, ref_loss = next(iter(median.values())), next(iter(loss0.values()))
         for impl, s in median.items():
             diffs.append(abs(loss0[impl] - ref_loss))
-            print(f"| {label} | {impl} | {s:.3f} ({min(times[impl]):.3f}-{max(times[impl]):.3f})"
+            print(f"| {label} | {impl} | {median_range(times[impl])}"
                   f" | {tokens / s:,.0f} | {flops / s / 1e9:.1f} | "
                   f"{flops / s / peak:.1%} | {ref_s / s:.2f} | {loss0[impl]:.4f} |")
     print("model FLOPs/step (training.flops.step_flops, the full model for every row, so a row that "

@@ -13,8 +13,10 @@ value the user set already is kept:
   faster (YNNPACK fused the softmax into the attention's value product, at ~4 ns per score).
   It only changes CPU compilation; GPU and TPU programs are untouched.
 - JAX's persistent compilation cache is on, in ``$XDG_CACHE_HOME/reasonembed_jax/xla`` (else
-  ``~/.cache/...``), for programs that took at least 0.2 s to compile and up to 4 GiB, so a
-  second run of the same step or encoder shape loads it instead of compiling.
+  ``~/.cache/...``), for programs that took at least 0.2 s to compile, so a second run of the
+  same step or encoder shape loads it instead of compiling. No size cap is set: JAX's eviction
+  scan races with other processes writing the same folder (entries then fail to write); the
+  folder can be deleted at any time.
 """
 
 import os
@@ -40,7 +42,6 @@ def _apply_runtime_defaults() -> None:
         os.environ["XLA_FLAGS"] = f"{flags} {YNN_FLAG}".strip()
     cache_dir = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", default_compilation_cache_dir())
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
-    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
     jax = sys.modules.get("jax")
     if jax is None:
         return  # JAX reads all of these when it is imported

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from reasonembed_jax.model.decoder import ProjectFn
+from reasonembed_jax.model.dropout import dropout
 from reasonembed_jax.model.encoder import ModelConfig
 from reasonembed_jax.model.params import LAYER_PREFIX, param_specs
 
@@ -133,8 +134,7 @@ def lora_project(lora: LoraConfig, *, train: bool) -> ProjectFn:
         inp = x
         if train and lora.dropout > 0.0:
             key = jax.random.fold_in(jax.random.wrap_key_data(p[DROPOUT_KEYS]), _name_salt(name))
-            keep = jax.random.bernoulli(key, 1.0 - lora.dropout, x.shape)
-            inp = jnp.where(keep, x / (1.0 - lora.dropout), 0).astype(x.dtype)
+            inp = dropout(x, lora.dropout, key)
         a = p[f"{name}.lora_a"].astype(x.dtype)
         b = p[f"{name}.lora_b"].astype(x.dtype)
         low = jnp.einsum(f"{xs},{contracted}r->{batch}r", inp, a)

@@ -38,12 +38,12 @@ from reasonembed_jax.model.decoder import (
     resolve_attention_impl,
     to_right_padding,
 )
+from reasonembed_jax.model.dropout import dropout
 from reasonembed_jax.model.params import LAYER_PREFIX, ParamSpec, identity, linear, reshape
 from reasonembed_jax.model.sharding import DEFAULT_RULES, Rules, constrain
 
 Array = jax.Array
 BERT_MODEL_TYPES = ("bert",)
-RNG_IMPL = "rbg"
 # HF activation names -> jax functions ("gelu" in HF is the exact erf form).
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -229,14 +229,7 @@ def layer_norm(x: Array, weight: Array, bias: Array, eps: float) -> Array:
 def _dropout(x: Array, rate: float, key: Array | None, salt: int) -> Array:
     if key is None or rate == 0.0:
         return x
-    # Masks are drawn with XLA's RngBitGenerator ("rbg" keys seeded from the threefry key): a
-    # [B, heads, T, T] attention mask per layer is the largest random draw of a step, and
-    # threefry is slower to draw it on CPU.
-    seed = jax.random.key_data(jax.random.fold_in(key, salt))
-    bits_key = jax.random.wrap_key_data(jnp.concatenate([seed, seed[::-1] ^ jnp.uint32(0x9E3779B9)]),
-                                        impl=RNG_IMPL)
-    keep = jax.random.bernoulli(bits_key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    return dropout(x, rate, jax.random.fold_in(key, salt))
 
 
 def bert_layer(
