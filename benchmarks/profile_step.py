@@ -6,7 +6,9 @@ clipping and AdamW). Then one profiled step of each: for ours a ``jax.profiler``
 thunks are summed by HLO instruction and grouped by kind (matmuls, elementwise fusions, copies
 and transposes, slicing of the stacked layers, reductions, ...), with XLA's own compile time;
 for PyTorch ``torch.profiler``'s operator table. The model and batch are
-``train_throughput.py``'s (random Qwen3 by default, ``--hf-dir`` a real converted decoder).
+``train_throughput.py``'s (random Qwen3 by default, ``--hf-dir`` a real converted decoder, or
+a BERT-family folder such as all-MiniLM-L6-v2 with ``--full``: mean pooling, dropout on in the
+training phases of both sides, off in the forward phase).
 
     python benchmarks/profile_step.py [--hf-dir .cache/models/smollm2-hf] [--lora-rank 32 |
         --full] [--queries 8 --group 2 --query-len 64 --passage-len 64] [--repeats 3]
@@ -106,16 +108,19 @@ def theirs(model_dir: pathlib.Path, model_cls: Any, batch: dict, args: argparse.
     params = tt.torch_lora(ref, rank, 2.0 * rank) if rank is not None else list(ref.parameters())
     t = {k: torch.from_numpy(v).long() for k, v in batch.items()}
     targets = torch.arange(args.queries) * args.group
+    mean = tt.is_bert(model_dir)
 
     def embed(ids: Any, mask: Any) -> Any:
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
-        h = ref(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
-        return torch.nn.functional.normalize(h[:, -1].float(), dim=-1)
+        return tt.torch_embed(ref, ids, mask, mean)
 
-    def forward() -> None:
-        with torch.no_grad():
-            (embed(t["query_input_ids"], t["query_attention_mask"])
-             @ embed(t["passage_input_ids"], t["passage_attention_mask"]).T).sum()
+    def forward() -> None:  # no dropout, as ours (train=False)
+        ref.eval()
+        try:
+            with torch.no_grad():
+                (embed(t["query_input_ids"], t["query_attention_mask"])
+                 @ embed(t["passage_input_ids"], t["passage_attention_mask"]).T).sum()
+        finally:
+            ref.train()
 
     def forward_backward() -> None:
         for p in params:
@@ -125,7 +130,7 @@ def theirs(model_dir: pathlib.Path, model_cls: Any, batch: dict, args: argparse.
         torch.nn.functional.cross_entropy(q @ p.T / args.temperature, targets).backward()
 
     return {"forward": forward, "forward + backward": forward_backward,
-            "whole step": tt.torch_step_fn(ref, params, batch, args, torch.float32)}
+            "whole step": tt.torch_step_fn(ref, params, batch, args, torch.float32, mean=mean)}
 
 
 def hlo_kinds(hlo_text: str) -> dict[str, str]:
@@ -194,6 +199,9 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32"], help=argparse.SUPPRESS)
     p.add_argument("--weight-decay", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.hf_dir:
+        args.vocab = json.loads((pathlib.Path(args.hf_dir) / "config.json").read_text())[
+            "vocab_size"]
 
     import torch
 
