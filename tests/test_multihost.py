@@ -64,7 +64,9 @@ def test_two_processes_match_one_process(tmp_path):
     assert step == 4 and data_state["grain"]
     for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(single["state"]["params"]),
                     strict=True):
-        assert _rel(a, b) <= 1e-5
+        # Summation orders differ between the two layouts; through 4 Adam steps that is at most
+        # 1.4e-5 of a leaf with XLA:CPU's Eigen dots (our default), 1.8e-6 with YNNPACK's.
+        assert _rel(a, b) <= 5e-5
     assert trainer.mesh.size == 8
     # Process 0 wrote the export from parameters gathered across both processes.
     assert (work / "export" / "latest" / "model.safetensors").is_file()
