@@ -38,7 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from bench_common import interleave, machine_line, median_range, warn_if_busy  # noqa: E402
+from bench_common import interleave, machine_line, median, median_range, warn_if_busy  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -183,12 +183,12 @@ def jax_state(model_dir: pathlib.Path, args: argparse.Namespace, lora_rank: int 
 
     from reasonembed_jax.hf_io import load_hf_params
     from reasonembed_jax.lora import LoraConfig, init_lora
-    from reasonembed_jax.model.encoder import config_from_hf_dir
+    from reasonembed_jax.model.encoder import BERT_MODEL_TYPES, config_from_hf_dir
     from reasonembed_jax.training.step import StepConfig, make_optimizer
 
     mcfg = config_from_hf_dir(model_dir, dtype=args.dtype, param_dtype="float32",
                               remat_policy="none", scan_layers=scan_layers)
-    bert = is_bert(model_dir)
+    bert = mcfg.model_type in BERT_MODEL_TYPES
     if bert and lora_rank is not None:
         raise SystemExit("BERT-family models are timed with full fine-tuning only (--no-lora)")
     base = load_hf_params(model_dir, mcfg)
@@ -289,8 +289,6 @@ def main() -> None:
         args.vocab = json.loads((pathlib.Path(args.hf_dir) / "config.json").read_text())[
             "vocab_size"]
 
-    import statistics
-
     import numpy as np
     import torch
 
@@ -344,9 +342,9 @@ def main() -> None:
     diffs = []
     for name, rank, flops, times, loss0 in rows:
         label = name if rank is None else f"{name} r={rank}"
-        median = {k: statistics.median(v) for k, v in times.items()}
-        ref_s, ref_loss = next(iter(median.values())), next(iter(loss0.values()))
-        for impl, s in median.items():
+        medians = {k: median(v) for k, v in times.items()}
+        ref_s, ref_loss = next(iter(medians.values())), next(iter(loss0.values()))
+        for impl, s in medians.items():
             diffs.append(abs(loss0[impl] - ref_loss))
             print(f"| {label} | {impl} | {median_range(times[impl])}"
                   f" | {tokens / s:,.0f} | {flops / s / 1e9:.1f} | "

@@ -5,8 +5,8 @@ The package root imports nothing heavy, so light modules (``reasonembed_jax.reco
 by the synthesis stage without JAX installed.
 
 Importing it sets two run-time defaults through the environment, before JAX starts (issue 16;
-``README.md``, "Where the time goes"); ``REASONEMBED_RUNTIME_DEFAULTS=0`` turns both off and a
-value the user set already is kept:
+``README.md``, "Speed against PyTorch on a quiet CPU"); ``REASONEMBED_RUNTIME_DEFAULTS=0`` turns
+both off and a value the user set already is kept:
 
 - ``XLA_FLAGS`` gains ``--xla_cpu_experimental_ynn_fusion_type=``: XLA:CPU then runs its dots
   with Eigen instead of YNNPACK fusions, which on a 2-core AVX2 machine ran MiniLM's forward 1.5x

@@ -227,9 +227,7 @@ def layer_norm(x: Array, weight: Array, bias: Array, eps: float) -> Array:
 
 
 def _dropout(x: Array, rate: float, key: Array | None, salt: int) -> Array:
-    if key is None or rate == 0.0:
-        return x
-    return dropout(x, rate, jax.random.fold_in(key, salt))
+    return dropout(x, rate, None if key is None else jax.random.fold_in(key, salt))
 
 
 def bert_layer(

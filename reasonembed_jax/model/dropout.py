@@ -36,14 +36,13 @@ def _mix(h: Array) -> Array:
 
 
 def _key_words(key: Array) -> tuple[Array, Array]:
-    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    data = data.reshape(-1).astype(jnp.uint32)
+    data = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
     return data[0], data[-1] ^ jnp.uint32(_GOLDEN)
 
 
 def random_bits(key: Array, shape: tuple[int, ...]) -> Array:
-    """``uint32`` bits of ``shape``, a hash of each element's position and ``key`` (a typed key
-    or raw ``uint32`` key data)."""
+    """``uint32`` bits of ``shape``, a hash of each element's position and ``key`` (a typed
+    JAX key)."""
     shape = tuple(shape)
     if len(shape) < 2:
         return random_bits(key, (1,) * (2 - len(shape)) + shape).reshape(shape)
