@@ -30,6 +30,8 @@ import time
 import numpy as np
 from absl import flags
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_common import machine_line, warn_if_busy  # noqa: E402  (before anything imports JAX)
 from reasonembed_jax.data import build_pipeline
 from reasonembed_jax.training.config import load_config_file, load_module
 
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+    print(machine_line(), flush=True)
+    warn_if_busy()
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     workers_list = [int(w) for w in args.worker_counts.split(",")]
     demo = load_config_file(DEMO_CONFIG).data
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = measure({**config, "worker_count": workers}, args.steps, warmup)
                 rows.append((setting, workers, result))
                 print(f"{setting} workers={workers}: {result}", file=sys.stderr, flush=True)
-    print(f"\ndata pipeline throughput: {os.cpu_count()} CPU cores, Qwen3 tokenizer, "
+    print(f"\ndata pipeline throughput: {machine_line()}; Qwen3 tokenizer, "
           f"TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', 'unset')}")
     group, batch = next(iter(RECIPE.values()))
     print(f"  recipe: {args.num_devices} devices, shapes {RECIPE} (1 positive + G-1 negatives; "

@@ -60,6 +60,7 @@ import sys
 import tempfile
 import time
 
+from bench_common import machine_line, warn_if_busy  # noqa: I001  (imports reasonembed_jax first)
 from finetune_common import CachedEncoder, load_splits, mine_triples, print_table, score, subset_corpus
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -271,9 +272,10 @@ def main(argv=None) -> int:
     docs = [corpus[d] for d in doc_ids]
     dev_qids = sorted(dev_qrels)
     dev_texts = [queries[q] for q in dev_qids]
-    load = os.getloadavg()
     print(f"model {model_dir}; corpus {len(docs)} docs; training queries {len(train_qrels)}; "
-          f"scored queries {len(dev_qids)}; load average {load[0]:.1f}", flush=True)
+          f"scored queries {len(dev_qids)}\n{machine_line()}", flush=True)
+    warn_if_busy()
+    machine_before = machine_line()
 
     root = args.workdir or tempfile.mkdtemp(prefix="decoder_ft_")
     os.makedirs(root, exist_ok=True)
@@ -331,15 +333,16 @@ def main(argv=None) -> int:
                                            "train_s": seconds, "step_s": steady(step_s),
                                            "encode_s": time.perf_counter() - t0}
 
-    load = os.getloadavg()
     print(f"\nSciFact, {len(dev_qids)} scored queries over {len(docs)} docs; {len(triples)} "
           f"training triples, {args.steps} steps x {args.batch_size} queries, {args.max_length} "
           f"tokens, lr {args.lr:g}, temperature {args.temperature:g}, seed {args.seed}; "
-          f"load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}")
+          f"the implementations run one after another (not interleaved)\nbefore: {machine_before}"
+          f"\nafter:  {machine_line()}")
     print_table(results, "ST + PEFT LoRA (ref)", extra=("step_s",))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "results": results, "loadavg": load}, f, indent=2)
+            json.dump({"args": vars(args), "results": results, "machine_before": machine_before,
+                       "machine_after": machine_line()}, f, indent=2)
     return 0
 
 

@@ -24,6 +24,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_common import machine_line, warn_if_busy  # noqa: E402  (before anything imports JAX)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("REASONEMBED_SHARED_DATA", REPO.parent / "shared" / "data"))
 
@@ -132,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         flags.FLAGS.mark_as_parsed()
     import numpy as np
 
+    print(machine_line(), flush=True)
+    warn_if_busy()
+    machine_before = machine_line()
     tmp = None
     model_dir = pathlib.Path(args.model) if args.model else None
     if model_dir is None:
@@ -159,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             "end_to_end_docs_per_s": len(docs) / (ref["encode_seconds"] + ref["search_seconds"])},
         "max_abs_embedding_diff": float(np.abs(np.asarray(our_corpus) - st_corpus).max()),
         "top10_overlap": float(overlap),
+        "machine_before": machine_before, "machine_after": machine_line(),
     }
     print(json.dumps(figures, indent=1))
     if args.out:

@@ -40,6 +40,10 @@ def get_config(arg: str | None = None):
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"
     c.model.remat_policy = "none"
+    # Six layers unrolled rather than scanned: the training step's backward measured 24% faster on
+    # XLA:CPU (19.9 s vs 26.0 s at 32 queries x 64 + 64 passages x 256 tokens) for ~20 s more
+    # compilation per shape; the forward alone is the same either way (README, issue 16).
+    c.model.scan_layers = False
     c.model.pooling = "mean"
     c.model.dropout = True
     c.lora.enabled = False
