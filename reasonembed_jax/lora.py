@@ -126,6 +126,8 @@ def lora_project(lora: LoraConfig, *, train: bool) -> ProjectFn:
     targets = frozenset(lora.targets)
 
     def project(name: str, x: Array, p: Mapping[str, Array], equation: str) -> Array:
+        # The frozen product stays an einsum: as decoder.project_matmul's 2-D matmul the LoRA
+        # step measured 7-9% slower on XLA:CPU (README, "Speed against PyTorch").
         y = jnp.einsum(equation, x, p[name])
         if name not in targets:
             return y
