@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                     "num_devices": args.num_devices,
                 }
             elif setting == "demo":
-                config = {**demo.items(), "tokenizer": args.tokenizer}
+                config = {**demo.to_dict(), "tokenizer": args.tokenizer}
             else:
                 raise SystemExit(f"unknown setting {setting!r}")
             config["max_steps"] = 10_000
