@@ -272,10 +272,10 @@ def main(argv=None) -> int:
     docs = [corpus[d] for d in doc_ids]
     dev_qids = sorted(dev_qrels)
     dev_texts = [queries[q] for q in dev_qids]
-    print(f"model {model_dir}; corpus {len(docs)} docs; training queries {len(train_qrels)}; "
-          f"scored queries {len(dev_qids)}\n{machine_line()}", flush=True)
-    warn_if_busy()
     machine_before = machine_line()
+    print(f"model {model_dir}; corpus {len(docs)} docs; training queries {len(train_qrels)}; "
+          f"scored queries {len(dev_qids)}\n{machine_before}", flush=True)
+    warn_if_busy()
 
     root = args.workdir or tempfile.mkdtemp(prefix="decoder_ft_")
     os.makedirs(root, exist_ok=True)

@@ -135,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         flags.FLAGS.mark_as_parsed()
     import numpy as np
 
-    print(machine_line(), flush=True)
-    warn_if_busy()
     machine_before = machine_line()
+    print(machine_before, flush=True)
+    warn_if_busy()
     tmp = None
     model_dir = pathlib.Path(args.model) if args.model else None
     if model_dir is None:

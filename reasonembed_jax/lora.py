@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from reasonembed_jax.model.decoder import ProjectFn
+from reasonembed_jax.model.decoder import ProjectFn, split_equation
 from reasonembed_jax.model.dropout import dropout
 from reasonembed_jax.model.encoder import ModelConfig
 from reasonembed_jax.model.params import LAYER_PREFIX, param_specs
@@ -62,15 +62,6 @@ class LoraConfig:
         return self.alpha / self.rank
 
 
-def _split_equation(equation: str) -> tuple[str, str, str, str, str]:
-    """``"bth,hnd->btnd"`` -> (x, kernel, out, contracted "h", kernel outputs "nd")."""
-    lhs, out = equation.split("->")
-    x, kernel = lhs.split(",")
-    contracted = "".join(c for c in kernel if c in x)
-    produced = "".join(c for c in kernel if c not in x)
-    return x, kernel, out, contracted, produced
-
-
 def lora_param_shapes(config: ModelConfig, lora: LoraConfig) -> dict[str, tuple[tuple, tuple]]:
     """``{path: (shape, logical_axes)}`` of the adapter parameters."""
     specs = param_specs(config)
@@ -81,7 +72,7 @@ def lora_param_shapes(config: ModelConfig, lora: LoraConfig) -> dict[str, tuple[
             raise ValueError(f"LoRA target '{name}' does not exist in a {config.model_type} model; "
                              f"its projections are {have}")
         spec = specs[LAYER_PREFIX + name]
-        _, _, _, contracted, _ = _split_equation(EQUATIONS[name])
+        _, _, _, contracted, _ = split_equation(EQUATIONS[name])
         n_in = len(contracted)
         layers, in_shape, out_shape = spec.shape[0], spec.shape[1:1 + n_in], spec.shape[1 + n_in:]
         in_axes, out_axes = spec.logical_axes[1:1 + n_in], spec.logical_axes[1 + n_in:]
@@ -131,7 +122,7 @@ def lora_project(lora: LoraConfig, *, train: bool) -> ProjectFn:
         y = jnp.einsum(equation, x, p[name])
         if name not in targets:
             return y
-        xs, _, out, contracted, produced = _split_equation(equation)
+        xs, _, out, contracted, produced = split_equation(equation)
         batch = "".join(c for c in xs if c not in contracted)
         inp = x
         if train and lora.dropout > 0.0:
@@ -185,7 +176,7 @@ def merge_lora(
     merged = dict(base)
     for name in lora.targets:
         path = LAYER_PREFIX + name
-        _, kernel, _, contracted, produced = _split_equation(EQUATIONS[name])
+        _, kernel, _, contracted, produced = split_equation(EQUATIONS[name])
         a, b = adapters[f"{path}.lora_a"], adapters[f"{path}.lora_b"]
         delta = jnp.einsum(f"l{contracted}r,lr{produced}->l{kernel}", a.astype(jnp.float32),
                            b.astype(jnp.float32))

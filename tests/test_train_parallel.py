@@ -43,7 +43,7 @@ def test_one_device_and_eight_devices_train_identically(tmp_path):
     for a, b in zip(jax.tree.leaves(eight["state"]["params"]), jax.tree.leaves(one["state"]["params"]),
                     strict=True):
         # Summation orders differ between the layouts (sharded contractions reduce in parts):
-        # through 5 Adam steps that is at most 1.03e-5 of a leaf with the 2-D projections
+        # through 5 Adam steps that is at most 1.02e-5 of a leaf with the 2-D projections
         # (decoder.project_matmul), as in test_multihost.py; a wrong gather or sharding moves a
         # leaf by O(1) of its update.
         assert _rel(a, b) <= 5e-5, a.shape
